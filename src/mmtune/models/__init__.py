@@ -1,0 +1,1 @@
+"""Model families (architecture table) and, later, LLM and encoder loading."""
