@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
 from mmtune import MiTModel
 
@@ -19,18 +13,20 @@ D_I = 12
 
 
 def tiny_config(arch: str, num_layers: int = 4):
+    """A tiny config of ``arch``: 4 query heads, 2 kv heads (grouped-query), head dim 8."""
     common = {"vocab_size": 97, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     if arch == "gpt2":
         return GPT2Config(
             n_embd=32, n_layer=num_layers, n_head=4, n_positions=128, n_inner=48, **common
         )
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
-    return cls(
+    return AutoConfig.for_model(
+        arch,
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention
+        head_dim=8,
         max_position_embeddings=128,
         tie_word_embeddings=False,
         **common,

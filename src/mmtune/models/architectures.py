@@ -61,6 +61,26 @@ _ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
+    # Qwen3 and OLMo2 normalise keys (k_norm) after k_proj: the infusion acts before that norm,
+    # which rescales each key back to unit RMS, so Id_k acts as a per-channel reweighting.
+    "qwen3": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+    "starcoder2": ArchitectureSpec(
+        layers="model.layers",
+        k_proj="self_attn.k_proj",
+        v_proj="self_attn.v_proj",
+        ff_down="mlp.c_proj",
+    ),
+    "phi3": ArchitectureSpec(
+        layers="model.layers",
+        qkv_proj="self_attn.qkv_proj",
+        ff_down="mlp.down_proj",
+    ),
     "gpt2": ArchitectureSpec(
         layers="transformer.h",
         qkv_proj="attn.c_attn",

@@ -1,0 +1,32 @@
+# Both main targets create the virtual environment first if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch is pinned in the same command: resolving peft/accelerate first would pull a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[dev,bench]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mmtune demo --config configs/demo/smoke.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
