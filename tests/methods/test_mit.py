@@ -529,3 +529,30 @@ def test_gradient_checkpointing_is_refused_with_a_reason():
     mit.train()
     with pytest.raises(NotImplementedError, match="gradient checkpointing"):
         mit(input_ids=_ids(), modality=_modality())
+
+
+def test_modality_context_is_cleared_after_an_exception():
+    mit = inject_mit(tiny_model("llama"), MiTConfig(d_modality=D_I))
+    with pytest.raises(IndexError):  # token id out of the vocabulary: the forward itself fails
+        mit(input_ids=torch.full((1, 3), 10_000), modality=_modality(batch=1))
+    assert mit._ctx is None
+    with pytest.raises(RuntimeError, match="no modality vector is set"):
+        mit.base_model(input_ids=_ids(batch=1))
+
+
+def test_bf16_base_model_keeps_fp32_adapter_and_identity_at_init():
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = _ids()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    mit = inject_mit(model, MiTConfig(d_modality=D_I))
+    assert all(p.dtype == torch.float32 for p in mit.infusion.parameters())
+    with torch.no_grad():
+        out = mit(input_ids=ids, modality=_modality()).logits
+    assert out.dtype == torch.bfloat16 and torch.equal(out, base)
+    perturb(mit)
+    loss = mit(input_ids=ids, labels=ids, modality=_modality().to(torch.bfloat16)).loss
+    loss.backward()
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 for p in mit.infusion.parameters()
+    )
