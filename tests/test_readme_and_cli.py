@@ -87,3 +87,17 @@ def test_check_embedded_command_shows_the_real_models_working(capsys):
     out = capsys.readouterr().out
     assert "Paris" in out
     assert "coffee   -> class 967" in out
+
+
+def test_data_inspect_prints_sizes_and_a_sample(capsys, tmp_path):
+    fixture = ROOT.parent / "shared" / "fixtures" / "xvnli_en_train_5.jsonl"
+    if not fixture.is_file():
+        pytest.skip(f"shared fixture {fixture} not found")
+    cli.main(["data", "inspect", str(fixture)])
+    out = capsys.readouterr().out
+    assert "snli-ve: task classification; 17 samples" in out
+    assert "text: The man and woman are sitting." in out
+    assert "not decoded" in out  # the Flickr30K images are not shipped: metadata still shows
+    with pytest.raises(SystemExit):
+        cli.main(["data", "inspect", str(fixture), "--split", "test"])
+    assert "no split 'test'" in capsys.readouterr().err

@@ -147,6 +147,44 @@ def check_embedded(question: str = "What is the capital of France?") -> None:
         print(f"  {name:<8} -> class {cls} (p = {p:.3f})")
 
 
+def data_inspect(
+    path: Path, format: str = "auto", split: str | None = None, index: int = 0
+) -> None:
+    """Print a data set's split sizes and one decoded sample.
+
+    Args:
+        path: a data set file or folder (refs(unc).p, snli_ve_*.jsonl, a Food101 folder, an
+            MMSA .pkl ...).
+        format: refcoco, snli-ve, food101, mmsa, or auto (detected from the path).
+        split: the split to take the sample from (default: the first one).
+        index: which sample of that split.
+    """
+    from mmtune.data import load_dataset
+
+    data = load_dataset(path, format)
+    sizes = data.sizes()
+    print(f"{data.name}: task {data.task}; {sum(sizes.values()):,} samples")
+    for name, n in sizes.items():
+        print(f"  {name:<8} {n:>9,}")
+    if data.label_names:
+        shown = ", ".join(data.label_names[:8]) + (" ..." if len(data.label_names) > 8 else "")
+        print(f"  {len(data.label_names)} classes: {shown}")
+    split = split or next(iter(data.splits))
+    if split not in data.splits:
+        raise ValueError(f"no split {split!r}; the data set has {list(data.splits)}")
+    dataset = data.splits[split]
+    if not 0 <= index < len(dataset):
+        raise ValueError(f"index {index} is outside split {split!r} (0..{len(dataset) - 1})")
+    print(f"sample {index} of {split}:")
+    try:
+        item = dataset[index]
+        summary = data.describe(item) if data.describe else item
+    except FileNotFoundError as e:  # annotations without their images: show what is there
+        summary = {**dataset.metadata(index), "image": f"not decoded ({e})"}
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+
+
 def version() -> None:
     """Print the mmtune version."""
     print(__version__)
@@ -155,7 +193,17 @@ def version() -> None:
 def main(argv: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs in --help
     try:
-        auto_cli([demo, params, check_embedded, version], args=argv, as_positional=False)
+        auto_cli(
+            {
+                "demo": demo,
+                "params": params,
+                "check_embedded": check_embedded,
+                "data": {"inspect": data_inspect},
+                "version": version,
+            },
+            args=argv,
+            as_positional=True,  # required arguments (a data path) are positional
+        )
     except (ValueError, FileNotFoundError) as e:  # bad input: say what is wrong, no traceback
         print(f"mmtune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e

@@ -29,8 +29,15 @@ MOBILENET_V2_WEIGHTS = EmbeddedFile(
 )
 
 # (expansion t, output channels c, repeats n, first stride s): the paper's table 2.
-_BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-           (6, 160, 3, 2), (6, 320, 1, 1)]  # fmt: skip
+_BLOCKS = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 _LEVEL_BLOCKS = (6, 13, 18)  # indices into ``features`` whose outputs are strides 8, 16, 32
 
 

@@ -66,9 +66,13 @@ class SequenceEncoder(nn.Module):
         self.pos = nn.Parameter(torch.zeros(config.max_len, config.d_model))
         nn.init.normal_(self.pos, std=0.02)
         layer = nn.TransformerEncoderLayer(
-            config.d_model, config.num_heads, 4 * config.d_model, config.dropout,
-            batch_first=True, norm_first=True,
-        )  # fmt: skip
+            config.d_model,
+            config.num_heads,
+            4 * config.d_model,
+            config.dropout,
+            batch_first=True,
+            norm_first=True,
+        )
         self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.d_model)
         self.out = nn.Linear(config.d_model, config.d_out)

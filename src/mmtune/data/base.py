@@ -1,0 +1,142 @@
+"""What every data set loader shares: checked file access, safe unpickling, split containers.
+
+Loaders only read: no data set file is ever written or modified.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+__all__ = ["DataSplits", "SafeUnpickler", "load_pickle", "read_jsonl", "require_file"]
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file ({what})")
+    return path
+
+
+# Globals a data pickle may name: containers and numpy arrays, never code.
+_ALLOWED = {
+    ("builtins", name)
+    for name in (
+        "list",
+        "dict",
+        "tuple",
+        "set",
+        "frozenset",
+        "str",
+        "bytes",
+        "int",
+        "float",
+        "complex",
+        "bool",
+        "bytearray",
+        "slice",
+    )
+} | {
+    ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "float32"),
+    ("numpy", "float64"),
+    ("numpy", "int64"),
+    ("numpy", "int32"),
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles containers and numpy arrays only; any other global is refused by name."""
+
+    source = "pickle"
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED or module.startswith("numpy.dtypes"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"{self.source}: refers to {module}.{name}, which a data file has no reason to "
+            "contain; refusing to load it (only containers and numpy arrays are allowed)"
+        )
+
+
+def load_pickle(path: str | Path, what: str) -> Any:
+    """Load a data pickle safely; Python 2 pickles (REFER's refs files) are decoded too."""
+    path = require_file(path, what)
+
+    def load(**kwargs: Any) -> Any:
+        with open(path, "rb") as f:
+            unpickler = SafeUnpickler(f, **kwargs)
+            unpickler.source = str(path)
+            return unpickler.load()
+
+    try:
+        return load()
+    except UnicodeDecodeError:  # a Python 2 pickle holding non-ASCII byte strings
+        return _utf8_fix(load(encoding="latin1"))
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable {what} pickle ({e})") from e
+
+
+def _utf8_fix(obj: Any) -> Any:
+    if isinstance(obj, str):
+        try:
+            return obj.encode("latin1").decode("utf8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            return obj
+    if isinstance(obj, list):
+        return [_utf8_fix(x) for x in obj]
+    if isinstance(obj, dict):
+        return {_utf8_fix(k): _utf8_fix(v) for k, v in obj.items()}
+    return obj
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a JSON-lines file; a bad line names file and line."""
+    with open(path, encoding="utf8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e})") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object")
+            yield lineno, record
+
+
+@dataclass
+class DataSplits:
+    """The splits of one data set, by name, plus what the task needs to know about it."""
+
+    name: str
+    """Format and data set, e.g. ``refcoco (unc)``."""
+    task: str
+    """``segmentation``, ``classification`` or ``sentiment``."""
+    splits: dict[str, Dataset]
+    """Split name -> dataset; each item is a dict (see the loader)."""
+    label_names: list[str] = field(default_factory=list)
+    """Class names, index = label (classification only)."""
+    describe: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """Turns one item into a printable summary (for ``mmtune data inspect``)."""
+
+    def __post_init__(self) -> None:
+        empty = [k for k, v in self.splits.items() if len(v) == 0]
+        if empty:
+            raise ValueError(f"{self.name}: split(s) {empty} have no samples")
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.splits.items()}
