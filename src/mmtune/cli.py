@@ -16,10 +16,65 @@ from mmtune._version import __version__
 from mmtune.demo import SmokeDemoConfig, run_smoke_demo
 from mmtune.methods.base import atomic_write
 from mmtune.methods.mit import MiTConfig
+from mmtune.pipeline import TaskConfig
+from mmtune.train import ModelConfig, OptimConfig, TrainConfig
+
+DEMO_CONFIGS = ("shapes-ref", "digits-ve", "movie-sentiment")
 
 
-def demo(
-    settings: SmokeDemoConfig | None = None, out: Path = Path("runs/demo"), quiet: bool = False
+def demo(configs: Path = Path("configs/demo"), quiet: bool = False) -> None:
+    """The main job: MiT on SmolLM2-135M (+ MobileNetV2) over the three mini-benchmarks.
+
+    Args:
+        configs: folder holding shapes-ref.yaml, digits-ve.yaml and movie-sentiment.yaml.
+        quiet: no progress bars.
+    """
+    import time
+
+    start = time.perf_counter()
+    rows = []
+    for name in DEMO_CONFIGS:
+        path = configs / f"{name}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such demo config")
+        config = _train_config_from_yaml(path)
+        print(f"\n== {name}: {path}", file=sys.stderr)
+        from mmtune.train import train as run
+
+        results = run(config, progress=not quiet)
+        rows.append((name, results))
+    print(f"\nMiT on SmolLM2-135M, test splits ({time.perf_counter() - start:.0f} s in all):")
+    print(f"  {'benchmark':<16} {'n':>5}  metrics")
+    for name, r in rows:
+        m = r["metrics"]
+        shown = {
+            "segmentation": ("oIoU", "mIoU", "prec@0.5"),
+            "classification": ("accuracy", "f1_macro"),
+            "sentiment": ("mae", "corr", "acc2_has0", "acc7"),
+        }[r["task"]]
+        print(
+            f"  {name:<16} {m['num_samples']:>5}  "
+            + ", ".join(f"{k} {m[k]:.3f}" for k in shown)
+            + f"  (train {r['train_seconds']:.0f} s)"
+        )
+    print(
+        "Pictures (curves, masks, scatter) and results.json: "
+        + ", ".join(r["config"]["output_dir"] for _, r in rows)
+    )
+
+
+def _train_config_from_yaml(path: Path) -> TrainConfig:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(train, skip={"quiet"})
+    ns = parser.parse_path(str(path))
+    init = parser.instantiate(ns)
+    return TrainConfig(**{k: v for k, v in vars(init).items() if k != "__path__"})
+
+
+def smoke(
+    settings: SmokeDemoConfig | None = None, out: Path = Path("runs/smoke"), quiet: bool = False
 ) -> None:
     """Smoke demo: MiT on a tiny random LLaMA with a synthetic task (seconds, CPU).
 
@@ -34,8 +89,7 @@ def demo(
     print(
         "mmtune smoke demo: a tiny LLaMA with RANDOM weights built in-process and a synthetic "
         "task whose label is carried only by the modality vector. It checks the MiT plumbing "
-        "end to end; it is not the real demo on pretrained models (that arrives with the "
-        "train/eval issue).",
+        "end to end; the real demo on pretrained models is `mmtune demo`.",
         file=sys.stderr,
     )
     bars: dict[str, tqdm] = {}
@@ -185,20 +239,117 @@ def data_inspect(
         print(f"  {key}: {value}")
 
 
+def train(
+    task: TaskConfig = TaskConfig(),  # noqa: B008 (jsonargparse reads these defaults)
+    model: ModelConfig = ModelConfig(),  # noqa: B008
+    mit: MiTConfig = MiTConfig(),  # noqa: B008
+    optim: OptimConfig = OptimConfig(),  # noqa: B008
+    output_dir: str = "runs/train",
+    seed: int = 0,
+    resume: bool = False,
+    cache_lower_layers: bool = True,
+    feature_cache: bool = True,
+    keep_checkpoints: int = 2,
+    plots: bool = True,
+    quiet: bool = False,
+) -> None:
+    """Train MiT on a task: mmtune train CONFIG.yaml [--optim.epochs=3 ...].
+
+    The arguments are the fields of mmtune.train.TrainConfig (see its docs), plus quiet.
+    """
+    config = TrainConfig(
+        task=task,
+        model=model,
+        mit=mit,
+        optim=optim,
+        output_dir=output_dir,
+        seed=seed,
+        resume=resume,
+        cache_lower_layers=cache_lower_layers,
+        feature_cache=feature_cache,
+        keep_checkpoints=keep_checkpoints,
+        plots=plots,
+    )
+    from mmtune.train import train as run
+
+    results = run(config, progress=not quiet)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    m = results["metrics"]
+    print(f"{results['data']['data']} ({results['task']}), test split {results['test_split']}:")
+    print(
+        "  "
+        + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "num_samples")
+        + f" (n = {m['num_samples']})"
+    )
+    print(
+        f"  trained {results['train_seconds']:.0f} s on {results['processes']} process(es); "
+        f"results in {config.output_dir}/results.json"
+    )
+
+
+def evaluate(run: Path, split: str = "test") -> None:
+    """Score a finished run (RUN_DIR with final/) on a split of its data.
+
+    Args:
+        run: the run's output_dir.
+        split: which split to score.
+    """
+    from mmtune.evaluate import evaluate_run
+
+    result = evaluate_run(run, split)
+    m = result["metrics"]
+    print(
+        f"{run} on {split}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "num_samples")
+        + f" (n = {m['num_samples']})"
+    )
+
+
+def predict(
+    run: Path,
+    text: str,
+    image: Path | None = None,
+    frames: Path | None = None,
+    out: Path = Path("prediction.png"),
+) -> None:
+    """One input through a finished run: a mask overlay PNG, a class, or a sentiment score.
+
+    Args:
+        run: the run's output_dir.
+        text: the referring expression, hypothesis, title or sentence.
+        image: the image (segmentation, classification).
+        frames: sentiment runs with frame modalities: an .npz with 'audio' / 'vision' arrays.
+        out: where a segmentation overlay is written.
+    """
+    from mmtune.evaluate import predict as run_predict
+
+    print(json.dumps(run_predict(run, text, image, frames, out)))
+
+
 def version() -> None:
     """Print the mmtune version."""
     print(__version__)
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "train" and not argv[1].startswith("-"):
+        argv.insert(1, "--config")  # `mmtune train CONFIG.yaml --key=value ...`
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs in --help
     try:
         auto_cli(
             {
                 "demo": demo,
+                "smoke": smoke,
                 "params": params,
                 "check_embedded": check_embedded,
                 "data": {"inspect": data_inspect},
+                "train": train,
+                "eval": evaluate,
+                "predict": predict,
                 "version": version,
             },
             args=argv,

@@ -1,4 +1,4 @@
-"""The smallest honest end-to-end run of MiT: a smoke demo until the real demo lands.
+"""The smallest honest end-to-end run of MiT (``mmtune smoke``): seconds, no pretrained model.
 
 What it does, all in-process and in seconds on a CPU:
 

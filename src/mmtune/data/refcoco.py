@@ -149,9 +149,10 @@ def load_refcoco(
         for j, sent in enumerate(sentences):
             _check(sent, ("sent",), f"{where}, sentences[{j}]")
         chosen = [rng.choice(sentences)] if one_sentence_per_ref else sentences
-        for sent in chosen:
+        for j, sent in enumerate(chosen):
             by_split.setdefault(ref["split"], []).append(
                 {
+                    "id": f"{ref['ref_id']}:{sent.get('sent_id', j)}",
                     "expression": sent["sent"],
                     "sent_id": sent.get("sent_id"),
                     "ref_id": ref["ref_id"],

@@ -2,9 +2,9 @@
 
 - global vector: CLIP's ``image_embeds`` (after the projection: 768-d for ViT-L/14-336, the
   paper's ``I``), else ``pooler_output``, else the first token of the last layer;
-- three feature maps: the hidden states after the chosen 1-based layers (default 6/12/18, the
-  paper's choice for CLIP ViT-L), prefix tokens (CLS, registers) dropped and the patch tokens
-  laid back on their (S/P) x (S/P) grid. All three share the patch stride.
+- three feature maps: the hidden states after the chosen 1-based layers (default N/4, N/2,
+  3N/4: 6/12/18 on CLIP ViT-L, the paper's choice), prefix tokens (CLS, registers) dropped
+  and the patch tokens laid back on their (S/P) x (S/P) grid. All three share the stride.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class HFVisionEncoder(VisionEncoder):
     def __init__(
         self,
         model: nn.Module,
-        layers: tuple[int, int, int] = (6, 12, 18),
+        layers: tuple[int, int, int] | None = None,
         preprocess: ImagePreprocess | None = None,
         name: str | None = None,
     ):
@@ -60,6 +60,8 @@ class HFVisionEncoder(VisionEncoder):
                     "model (CLIP, SigLIP, ViT, DINOv2 are supported)"
                 )
         n = config.num_hidden_layers
+        if layers is None:  # N/4, N/2, 3N/4: 6/12/18 on CLIP ViT-L's 24 layers (the paper's)
+            layers = tuple(max(1, round(n * q)) for q in (0.25, 0.5, 0.75))
         layers = tuple(int(x) for x in layers)
         if len(layers) != 3 or any(not 1 <= x <= n for x in layers):
             raise ValueError(

@@ -28,8 +28,9 @@ __all__ = ["MultiModalSequenceEncoder", "SequenceEncoder", "SequenceEncoderConfi
 class SequenceEncoderConfig:
     """Shape of one modality's sequence encoder."""
 
-    d_in: int
-    """Width of one input frame (MOSI: audio 5, vision 20; MOSEI: audio 74, vision 35)."""
+    d_in: int | None = None
+    """Width of one input frame (MOSI: audio 5, vision 20; MOSEI: audio 74, vision 35);
+    ``None``: set from the data by the training pipeline."""
     d_model: int = 64
     """Transformer width."""
     num_layers: int = 3
@@ -44,7 +45,9 @@ class SequenceEncoderConfig:
     """Dropout inside the transformer layers."""
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "d_model", "num_layers", "num_heads", "d_out", "max_len"):
+        if self.d_in is not None and self.d_in < 1:
+            raise ValueError("SequenceEncoderConfig.d_in must be >= 1")
+        for name in ("d_model", "num_layers", "num_heads", "d_out", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SequenceEncoderConfig.{name} must be >= 1")
         if self.d_model % self.num_heads:
@@ -61,6 +64,8 @@ class SequenceEncoder(nn.Module):
 
     def __init__(self, config: SequenceEncoderConfig, name: str = "frames"):
         super().__init__()
+        if config.d_in is None:
+            raise ValueError(f"{name}: SequenceEncoderConfig.d_in (frame width) is not set")
         self.config, self.name = config, name
         self.proj = nn.Linear(config.d_in, config.d_model)
         self.pos = nn.Parameter(torch.zeros(config.max_len, config.d_model))

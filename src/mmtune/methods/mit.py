@@ -84,8 +84,9 @@ def paper_layers(num_layers: int) -> list[int]:
 class MiTConfig:
     """Configuration of Multimodal Infusion Tuning."""
 
-    d_modality: int
-    """Width d_I of the per-sample modality vector I (768 for CLIP ViT-L/14's image_embeds)."""
+    d_modality: int | None = None
+    """Width d_I of the per-sample modality vector I (768 for CLIP ViT-L/14's image_embeds);
+    ``None`` lets the training pipeline set it from the modality encoder."""
     layers: list[int] | Literal["paper", "all"] = "paper"
     """Infused layers, 1-based; ``paper`` = {N-19, N-15, ..., N-3, N}; ``all`` = 1..N."""
     form: Form = "gated"
@@ -104,9 +105,11 @@ class MiTConfig:
     """Reject modality vectors holding NaN or +-inf (one device sync per call)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.d_modality, int) or isinstance(self.d_modality, bool):
+        if self.d_modality is not None and (
+            not isinstance(self.d_modality, int) or isinstance(self.d_modality, bool)
+        ):
             raise TypeError(f"MiTConfig.d_modality must be an int, got {self.d_modality!r}")
-        if self.d_modality <= 0:
+        if self.d_modality is not None and self.d_modality <= 0:
             raise ValueError(f"MiTConfig.d_modality must be positive, got {self.d_modality}")
         if isinstance(self.layers, str):
             if self.layers not in ("paper", "all"):
@@ -312,6 +315,10 @@ class MiTModel(nn.Module):
             raise TypeError(
                 "MiT needs a Hugging Face PreTrainedModel with a config; got "
                 f"{type(model).__name__}"
+            )
+        if config.d_modality is None:
+            raise ValueError(
+                "MiTConfig.d_modality is not set: give the width of the modality vector I"
             )
         self.mit_config = config
         self.spec: ArchitectureSpec = get_architecture(model_config.model_type)

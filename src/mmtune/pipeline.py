@@ -1,0 +1,314 @@
+"""The task model: frozen LLM + MiT + modality encoder + task head, and its inputs.
+
+One :class:`TaskModel` serves the three tasks:
+
+- classification: I = the frozen vision encoder's global vector; head = MLP([I; pooled text]);
+- segmentation: I = global vector; head = decoder over the encoder's 3 feature maps + pooled text;
+- sentiment: I = concat of trainable sequence encoders over the chosen frame modalities; head =
+  linear on the pooled text. With no modality chosen, MiT is not injected (text only).
+
+Frozen-encoder features are computed once per split (and cached on disk when asked). The hidden
+states below the first infused layer do not depend on I, so with ``cache_lower_layers`` they
+are computed once per sample, in a fixed order, and every training step runs only the layers
+from the first infused one up (:class:`LowerLayerCache`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtune.data.prompts import DEFAULT_PROMPTS, PromptTemplate
+from mmtune.encoders.sequence import MultiModalSequenceEncoder, SequenceEncoderConfig
+from mmtune.heads import (
+    ClassificationHead,
+    RegressionHead,
+    SegmentationDecoder,
+    SegmentationDecoderConfig,
+    pool_last_token,
+    position_ids_from_mask,
+    regression_loss,
+    segmentation_loss,
+)
+from mmtune.methods.mit import MiTModel
+
+__all__ = ["LowerLayerCache", "TaskConfig", "TaskModel"]
+
+# Families whose decoder forward passes inputs_embeds to the first layer unchanged, so a
+# cached hidden state can be fed back in as inputs_embeds (GPT-2 adds positions, Gemma scales).
+_PASSTHROUGH = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+@dataclass
+class TaskConfig:
+    """What to learn and from which data."""
+
+    data: str = "digits-ve"
+    """A mini-benchmark (shapes-ref, digits-ve, movie-sentiment) or a path to real data."""
+    format: str = "auto"
+    """Loader of real data: refcoco, snli-ve, food101, mmsa, or auto."""
+    data_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the loader or generator (e.g. num_samples, seed)."""
+    val_split: str = "val"
+    """Split used for validation during training (dev / valid on some data sets)."""
+    test_split: str = "test"
+    """Split scored at the end."""
+    prompt: str | None = None
+    """Prompt template; default: the task's entry in DEFAULT_PROMPTS."""
+    max_length: int = 48
+    """Longest prompt in tokens (longer prompts are cut from the left)."""
+    modalities: list[str] = field(default_factory=lambda: ["audio", "vision"])
+    """Sentiment only: frame modalities encoded into I (empty: text only, no infusion)."""
+    bce_weight: float = 0.5
+    """Segmentation: weight of BCE added to the DICE loss."""
+    regression_loss: Literal["rmse", "l1"] = "rmse"
+    """Sentiment: the paper's RMSE, or L1."""
+    max_train_samples: int | None = None
+    """Use only the first N training samples (quick runs)."""
+
+    def __post_init__(self) -> None:
+        if self.max_length < 4:
+            raise ValueError("TaskConfig.max_length must be >= 4")
+        bad = set(self.modalities) - {"audio", "vision"}
+        if bad:
+            raise ValueError(f"TaskConfig.modalities: unknown {sorted(bad)} (audio, vision)")
+
+
+class LowerLayerCache:
+    """Hidden states entering the first infused layer, one (T_i, d) tensor per sample id."""
+
+    def __init__(self, first_layer: int):
+        self.first_layer = first_layer  # 1-based number of the first infused layer
+        self.states: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.states.values())
+
+    def has(self, ids: list[str]) -> bool:
+        return all(i in self.states for i in ids)
+
+
+@contextmanager
+def _layer_slice(decoder: nn.Module, start: int, stop: int | None) -> Iterator[None]:
+    """Run ``decoder`` with only ``layers[start:stop]`` (0-based) in place."""
+    full = decoder.layers
+    decoder.layers = nn.ModuleList(list(full)[start:stop])
+    try:
+        yield
+    finally:
+        decoder.layers = full
+
+
+class TaskModel(nn.Module):
+    """Everything that turns a batch into predictions and a loss."""
+
+    def __init__(
+        self,
+        task: str,
+        llm: nn.Module,
+        tokenizer: Any,
+        config: TaskConfig,
+        *,
+        d_image: int = 0,
+        level_channels: tuple[int, int, int] | None = None,
+        num_classes: int = 0,
+        frame_widths: dict[str, int] | None = None,
+        sequence: SequenceEncoderConfig | None = None,
+        decoder: SegmentationDecoderConfig | None = None,
+    ):
+        super().__init__()
+        self.task, self.config, self.tokenizer = task, config, tokenizer
+        self.llm = llm  # a MiTModel, or the frozen base model for text-only runs
+        base = llm.base_model if isinstance(llm, MiTModel) else llm
+        self.decoder_backbone = base.get_decoder()
+        d_text = base.config.hidden_size
+        self.prompt = PromptTemplate(
+            config.prompt
+            or DEFAULT_PROMPTS[
+                {
+                    "segmentation": "segmentation",
+                    "classification": "entailment",
+                    "sentiment": "sentiment",
+                }[task]
+            ]
+        )
+        self.frames: MultiModalSequenceEncoder | None = None
+        if task == "classification":
+            self.head = ClassificationHead(d_image, d_text, num_classes)
+        elif task == "segmentation":
+            if level_channels is None:
+                raise ValueError("segmentation needs the encoder's level_channels")
+            self.head = SegmentationDecoder(level_channels, d_text, decoder)
+        elif task == "sentiment":
+            self.head = RegressionHead(d_text)
+            if config.modalities:
+                seq = sequence or SequenceEncoderConfig()
+                widths = frame_widths or {}
+                self.frames = MultiModalSequenceEncoder(
+                    {
+                        m: SequenceEncoderConfig(**{**seq.__dict__, "d_in": widths[m]})
+                        for m in config.modalities
+                    }
+                )
+        else:
+            raise ValueError(f"unknown task {task!r}")
+        self.lower_cache: LowerLayerCache | None = None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # the last real token sits at position T - 1
+
+    # ------------------------------------------------------------------ text
+    def prompts(self, batch: dict[str, Any]) -> list[str]:
+        field_name = "expression" if self.task == "segmentation" else "text"
+        return [self.prompt(**{self.prompt_field: t}) for t in batch[field_name]]
+
+    @property
+    def prompt_field(self) -> str:
+        return next(iter(self.prompt.fields))
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        self.tokenizer.truncation_side = "left"
+        enc = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_length,
+        )
+        device = next(self.parameters()).device
+        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def modality(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if self.task == "sentiment":
+            if self.frames is None:
+                return None
+            frames = {m: batch[m] for m in self.config.modalities}
+            lengths = {m: batch[f"{m}_length"] for m in self.config.modalities}
+            return self.frames(frames, lengths)
+        return batch["pooled"]
+
+    def _upper_layers_only(self) -> bool:
+        return (
+            self.lower_cache is not None
+            and isinstance(self.llm, MiTModel)
+            and self.llm.base_model.config.model_type in _PASSTHROUGH
+        )
+
+    @torch.no_grad()
+    def fill_lower_cache(self, batches: Iterator[dict[str, Any]]) -> None:
+        """Compute the states entering the first infused layer for every sample, in order."""
+        cache = self.lower_cache
+        assert cache is not None
+        start = cache.first_layer - 1  # layers below it, 0-based: [0, start)
+        captured: list[torch.Tensor] = []
+        last = self.decoder_backbone.layers[start - 1]
+        handle = last.register_forward_hook(
+            lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        try:
+            for batch in batches:
+                enc = self.tokenize(self.prompts(batch))
+                captured.clear()
+                with _layer_slice(self.decoder_backbone, 0, start):
+                    self.decoder_backbone(
+                        **enc, position_ids=position_ids_from_mask(enc["attention_mask"])
+                    )
+                hidden = captured[-1]  # (B, T, d), left-padded
+                for row, sid in enumerate(batch["id"]):
+                    keep = enc["attention_mask"][row].bool()
+                    cache.states[sid] = hidden[row, keep].detach().cpu()  # (T_i, d)
+        finally:
+            handle.remove()
+
+    def text_vector(self, batch: dict[str, Any], modality: torch.Tensor | None) -> torch.Tensor:
+        """The pooled hidden state (B, d) of the (infused) prompts."""
+        if self._upper_layers_only() and self.lower_cache.has(batch["id"]):
+            states = [self.lower_cache.states[i] for i in batch["id"]]
+            t = max(s.shape[0] for s in states)
+            device = next(self.parameters()).device
+            embeds = torch.zeros(len(states), t, states[0].shape[1], device=device)
+            mask = torch.zeros(len(states), t, dtype=torch.long, device=device)
+            for r, s in enumerate(states):
+                embeds[r, t - s.shape[0] :], mask[r, t - s.shape[0] :] = s.to(device), 1
+            inputs = {
+                "inputs_embeds": embeds.to(self.decoder_backbone.dtype),
+                "attention_mask": mask,
+            }
+            layers = _layer_slice(self.decoder_backbone, self.lower_cache.first_layer - 1, None)
+        else:
+            inputs = self.tokenize(self.prompts(batch))
+            mask = inputs["attention_mask"]
+            layers = _layer_slice(self.decoder_backbone, 0, None)
+        pos = position_ids_from_mask(mask)
+        with layers:
+            if isinstance(self.llm, MiTModel) and modality is not None:
+                with self.llm.using_modality(modality):
+                    hidden = self.decoder_backbone(**inputs, position_ids=pos).last_hidden_state
+            else:
+                hidden = self.decoder_backbone(**inputs, position_ids=pos).last_hidden_state
+        return pool_last_token(hidden, mask).float()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        modality = self.modality(batch)
+        text = self.text_vector(batch, modality)
+        if self.task == "classification":
+            logits = self.head(batch["pooled"], text)
+            out = {"logits": logits, "prediction": logits.argmax(-1)}
+            if "label" in batch:
+                out["loss"] = F.cross_entropy(logits, batch["label"])
+        elif self.task == "segmentation":
+            size = batch["pixel_size"]
+            logits = self.head([batch[f"level{i}"] for i in range(3)], text, size)
+            out = {"logits": logits}
+            if "mask" in batch:
+                out["loss"] = segmentation_loss(logits, batch["mask"], self.config.bce_weight)
+        else:
+            pred = self.head(text)
+            out = {"prediction": pred}
+            if "label" in batch:
+                out["loss"] = regression_loss(pred, batch["label"], self.config.regression_loss)
+        return out
+
+
+def collate(items: list[dict[str, Any]], task: str, pixel_size: int | None = None) -> dict:
+    """Items (dicts from a split, with precomputed features) -> a batch of tensors."""
+    batch: dict[str, Any] = {"id": [str(it["id"]) for it in items]}
+    for key in ("text", "expression"):
+        if key in items[0]:
+            batch[key] = [it[key] for it in items]
+    if "pooled" in items[0]:
+        batch["pooled"] = torch.stack([it["pooled"] for it in items])
+    if task == "segmentation":
+        for i in range(3):
+            batch[f"level{i}"] = torch.stack([it[f"level{i}"] for it in items])
+        batch["pixel_size"] = (pixel_size, pixel_size)
+        if "mask" in items[0]:
+            masks = [
+                torch.as_tensor(np.asarray(it["mask"], dtype=np.float32))[None, None]
+                for it in items
+            ]
+            batch["mask"] = torch.cat(
+                [F.interpolate(m, size=(pixel_size, pixel_size), mode="nearest") for m in masks]
+            )
+            batch["original_masks"] = [np.asarray(it["mask"], bool) for it in items]
+    if task == "classification" and "label" in items[0]:
+        batch["label"] = torch.tensor([int(it["label"]) for it in items])
+    if task == "sentiment":
+        if "label" in items[0]:
+            batch["label"] = torch.tensor([float(it["label"]) for it in items])
+        for m in ("audio", "vision"):
+            if m in items[0]:
+                batch[m] = torch.as_tensor(
+                    np.stack([np.asarray(it[m], np.float32) for it in items])
+                )
+                batch[f"{m}_length"] = torch.tensor([int(it[f"{m}_length"]) for it in items])
+    return batch

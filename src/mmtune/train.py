@@ -1,0 +1,640 @@
+"""Training and evaluation on Hugging Face accelerate: one code path for 1 CPU process or N GPUs.
+
+Launch: ``mmtune train CONFIG.yaml`` (one process), or ``torchrun --nproc_per_node N -m
+mmtune.cli train CONFIG.yaml`` (DDP; gloo on CPU, NCCL on GPUs). Every rank sees a disjoint
+shard of each global batch, drawn from a permutation seeded by (seed, epoch), so a run's data
+order never depends on the number of restarts. Evaluation splits a data set into contiguous
+per-rank chunks and gathers per-sample results by id, so every sample is scored exactly once.
+
+Each epoch ends with a checkpoint directory ``checkpoints/epoch-NNN`` (trainable weights,
+optimizer, scheduler, every rank's RNG state, history), built under a temporary name and renamed
+into place: ``resume`` continues from the last complete one, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmtune._version import __version__
+from mmtune.data import load_dataset
+from mmtune.data.base import DataSplits
+from mmtune.data.mini import MINI_BENCHMARKS
+from mmtune.encoders.sequence import SequenceEncoderConfig
+from mmtune.encoders.vision import encode_images, load_vision_encoder
+from mmtune.heads import SegmentationDecoderConfig
+from mmtune.methods.base import atomic_write
+from mmtune.methods.mit import MiTConfig, MiTModel, inject_mit
+from mmtune.metrics import (
+    classification_metrics,
+    mask_intersection_union,
+    segmentation_metrics,
+    sentiment_metrics,
+)
+from mmtune.models.cache import FeatureCache, content_hash
+from mmtune.models.llm import load_llm
+from mmtune.pipeline import LowerLayerCache, TaskConfig, TaskModel, collate
+
+__all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "evaluate_split", "train"]
+
+
+@dataclass
+class ModelConfig:
+    """The frozen models and the trainable encoders' shapes."""
+
+    llm: str = "smollm2-135m"
+    """LLM: an embedded name, a directory or a hub id."""
+    vision: str = "mobilenet-v2"
+    """Vision encoder: a registered name, a directory or a hub id (image tasks)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the frozen LLM (the trainable parts stay fp32)."""
+    attn_implementation: str = "sdpa"
+    """Attention backend of the LLM: sdpa, eager, flash_attention_2."""
+    image_size: int | None = None
+    """Input side of a CNN vision encoder (default: its own, 224 for MobileNetV2); ViTs keep
+    their fixed size."""
+    sequence: SequenceEncoderConfig = field(default_factory=SequenceEncoderConfig)
+    """Sentiment: shape of each frame encoder (d_in is set from the data)."""
+    decoder: SegmentationDecoderConfig = field(default_factory=SegmentationDecoderConfig)
+    """Segmentation: shape of the decoder."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (defaults: the paper's sec. 3.3)."""
+
+    lr: float = 4e-5
+    """Adam learning rate of the infusion (and sequence encoders)."""
+    head_lr_scale: float = 0.1
+    """The head's learning rate is lr x this (the paper: decoder lr x 0.1)."""
+    epochs: int = 30
+    """Passes over the training split."""
+    decay_every: int = 10
+    """Multiply the learning rates by decay_gamma every this many epochs."""
+    decay_gamma: float = 0.1
+    """Step-decay factor."""
+    batch_size: int = 8
+    """Samples per step on each process."""
+    eval_batch_size: int = 32
+    """Samples per forward in evaluation."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0: off)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("OptimConfig: epochs, batch_size and eval_batch_size must be >= 1")
+        if self.lr <= 0 or self.head_lr_scale <= 0:
+            raise ValueError("OptimConfig: lr and head_lr_scale must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """One training run."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Data, prompt and task options."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Frozen models and trainable encoder shapes."""
+    mit: MiTConfig = field(default_factory=MiTConfig)
+    """MiT (d_modality is set from the modality encoder when left empty)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and schedule."""
+    output_dir: str = "runs/train"
+    """Where checkpoints, results.json, TensorBoard logs and pictures go."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+    resume: bool = False
+    """Continue from the last complete checkpoint in output_dir."""
+    cache_lower_layers: bool = True
+    """Compute the hidden states below the first infused layer once (they do not depend on I)."""
+    feature_cache: bool = True
+    """Store frozen-encoder features in $MMTUNE_CACHE and reuse them across runs."""
+    keep_checkpoints: int = 2
+    """How many epoch checkpoints to keep (the newest)."""
+    plots: bool = True
+    """Write PNG pictures (curves, masks or scatter)."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _load_data(cfg: TaskConfig) -> DataSplits:
+    if cfg.data in MINI_BENCHMARKS:
+        return MINI_BENCHMARKS[cfg.data](**cfg.data_options)
+    return load_dataset(cfg.data, cfg.format, **cfg.data_options)
+
+
+def _images(split: Any) -> list[Any]:
+    if hasattr(split, "image_path"):  # RefCOCO
+        return [split.image_path(i) for i in range(len(split))]
+    if hasattr(split, "records"):  # image-text records: decode from their files
+        return [r["image_path"] for r in split.records]
+    return [split[i]["image"] for i in range(len(split))]
+
+
+def _light_items(split: Any) -> list[dict[str, Any]]:
+    """Every item without its decoded image (the frozen features stand in for it)."""
+    out = []
+    for i in range(len(split)):
+        if hasattr(split, "samples"):  # RefCOCO: the mask needs only the annotation
+            item = {**split.samples[i], "mask": split.mask(i)}
+        elif hasattr(split, "metadata"):
+            item = dict(split.metadata(i))
+        else:
+            item = dict(split[i])
+        item.pop("image", None)
+        item.setdefault("id", f"{i}")
+        out.append(item)
+    return out
+
+
+class _Featured(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict[str, Any]], features: dict[str, torch.Tensor]):
+        self.items, self.features = items, features
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.items[i], **{k: v[i] for k, v in self.features.items()}}
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits, dict[str, Any]]:
+    """Load data, frozen models and encoders; inject MiT; return the task model and splits."""
+    torch.manual_seed(cfg.seed)
+    data = _load_data(cfg.task)
+    for split in (cfg.task.val_split, cfg.task.test_split, "train"):
+        if split not in data.splits:
+            raise ValueError(
+                f"{data.name}: no split {split!r} (has {list(data.splits)}); set "
+                f"task.val_split / task.test_split"
+            )
+    task = data.task
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    llm, tokenizer = load_llm(
+        cfg.model.llm, dtype=dtype, attn_implementation=cfg.model.attn_implementation
+    )
+    info: dict[str, Any] = {"data": data.name, "task": task, "splits": data.sizes()}
+    splits: dict[str, _Featured] = {}
+    extra: dict[str, Any] = {}
+    if task in ("classification", "segmentation"):
+        encoder = load_vision_encoder(cfg.model.vision)
+        if cfg.model.image_size:
+            size = cfg.model.image_size
+            encoder.preprocess = dataclasses.replace(
+                encoder.preprocess, size=size, resize=max(size, round(size * 256 / 224))
+            )
+        if task == "segmentation":  # the whole image, squashed: masks map back to every pixel
+            encoder.preprocess = dataclasses.replace(encoder.preprocess, resize=None)
+        cache = FeatureCache() if cfg.feature_cache else None
+        start = time.perf_counter()
+        hits = []
+        for name, split in data.splits.items():
+            feats = encode_images(
+                encoder,
+                _images(split),
+                levels=task == "segmentation",
+                cache=cache,
+                name=f"{cfg.task.data}-{name}".replace("/", "_"),
+            )
+            hits.append(bool(cache and cache.last_hit))
+            splits[name] = _Featured(_light_items(split), feats)
+        info["features"] = {
+            "encoder": encoder.cache_id,
+            "seconds": time.perf_counter() - start,
+            "cache_hits": hits,
+        }
+        d_modality = encoder.d_global
+        extra = {
+            "preprocess": encoder.preprocess.to_dict(),
+            "d_image": encoder.d_global,
+            "level_channels": encoder.level_channels,
+            "num_classes": len(data.label_names),
+            "pixel_size": encoder.preprocess.size,
+        }
+        del encoder
+    else:
+        for name, split in data.splits.items():
+            splits[name] = _Featured(_light_items(split), {})
+        first = splits["train"][0]
+        extra = {
+            "frame_widths": {
+                m: int(np.asarray(first[m]).shape[-1]) for m in ("audio", "vision") if m in first
+            }
+        }
+        d_modality = cfg.model.sequence.d_out * len(cfg.task.modalities)
+    if cfg.task.max_train_samples:
+        splits["train"].items = splits["train"].items[: cfg.task.max_train_samples]
+        splits["train"].features = {
+            k: v[: cfg.task.max_train_samples] for k, v in splits["train"].features.items()
+        }
+    extra.update(task=task, d_modality=d_modality, label_names=list(data.label_names))
+    model = make_model(cfg, extra, llm, tokenizer)
+    info["model"] = extra
+    return model, splits, data, info
+
+
+def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer: Any) -> TaskModel:
+    """The task model from a run's config and its data-derived spec (saved as final/spec.json)."""
+    d_modality = spec["d_modality"]
+    if d_modality:
+        mit_cfg = MiTConfig(**{**asdict(cfg.mit), "d_modality": cfg.mit.d_modality or d_modality})
+        if mit_cfg.d_modality != d_modality:
+            raise ValueError(f"mit.d_modality {mit_cfg.d_modality} != the encoder's {d_modality}")
+        wrapped: nn.Module = inject_mit(llm, mit_cfg)
+    else:
+        llm.requires_grad_(False)
+        wrapped = llm
+    model = TaskModel(
+        spec["task"],
+        wrapped,
+        tokenizer,
+        cfg.task,
+        d_image=spec.get("d_image", 0),
+        level_channels=spec.get("level_channels"),
+        num_classes=spec.get("num_classes", 0),
+        frame_widths=spec.get("frame_widths"),
+        sequence=cfg.model.sequence,
+        decoder=cfg.model.decoder,
+    )
+    model.pixel_size = spec.get("pixel_size")
+    if cfg.cache_lower_layers and isinstance(wrapped, MiTModel) and min(wrapped.layer_ids) > 1:
+        model.lower_cache = LowerLayerCache(min(wrapped.layer_ids))
+    return model
+
+
+# ----------------------------------------------------------------------------- loop helpers
+
+
+def _batches(ds: _Featured, indices: list[int], size: int, task: str, pixel: int | None):
+    for s in range(0, len(indices), size):
+        yield collate([ds[i] for i in indices[s : s + size]], task, pixel)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: TaskModel,
+    ds: _Featured,
+    accelerator: Any,
+    batch_size: int,
+    with_predictions: bool = False,
+) -> dict[str, Any]:
+    """Score a split; each rank takes a contiguous chunk, results are gathered by sample id."""
+    module = accelerator.unwrap_model(model)
+    was_training = module.training
+    module.eval()
+    chunks = np.array_split(np.arange(len(ds)), accelerator.num_processes)
+    mine = chunks[accelerator.process_index].tolist()
+    rows: list[dict[str, Any]] = []
+    for batch in _batches(ds, mine, batch_size, module.task, module.pixel_size):
+        batch = _to_device(batch, accelerator.device)
+        out = module(batch)
+        for r, sid in enumerate(batch["id"]):
+            row: dict[str, Any] = {"id": sid}
+            if module.task == "classification":
+                row.update(pred=int(out["prediction"][r]), label=int(batch["label"][r]))
+            elif module.task == "sentiment":
+                row.update(pred=float(out["prediction"][r]), label=float(batch["label"][r]))
+            else:
+                truth = batch["original_masks"][r]
+                logits = torch.nn.functional.interpolate(
+                    out["logits"][r : r + 1].float(),
+                    size=truth.shape,
+                    mode="bilinear",
+                    align_corners=False,
+                )
+                pred = (logits[0, 0] > 0).cpu().numpy()  # sigmoid > 0.5, at the original size
+                inter, union = mask_intersection_union(pred, truth)
+                row.update(intersection=inter, union=union)
+                if with_predictions:
+                    row["mask"] = pred
+            rows.append(row)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object(rows)
+    else:
+        gathered = rows
+    by_id = {r["id"]: r for r in gathered}  # one row per sample, whatever the sharding
+    ordered = [by_id[str(item["id"])] for item in ds.items]
+    if module.task == "classification":
+        result = classification_metrics([r["pred"] for r in ordered], [r["label"] for r in ordered])
+    elif module.task == "sentiment":
+        result = sentiment_metrics([r["pred"] for r in ordered], [r["label"] for r in ordered])
+    else:
+        result = segmentation_metrics(
+            [r["intersection"] for r in ordered], [r["union"] for r in ordered]
+        )
+    result["rows"] = ordered
+    module.train(was_training)
+    return result
+
+
+def _headline(task: str) -> str:
+    return {"classification": "accuracy", "segmentation": "oIoU", "sentiment": "mae"}[task]
+
+
+def _trainable(module: TaskModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("epoch-*") if (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def _save_checkpoint(
+    accelerator: Any,
+    module: TaskModel,
+    optimizer: Any,
+    scheduler: Any,
+    epoch: int,
+    history: dict,
+    out: Path,
+    keep: int,
+) -> None:
+    from safetensors.torch import save_file
+
+    final = out / "checkpoints" / f"epoch-{epoch:03d}"
+    tmp = out / "checkpoints" / f".epoch-{epoch:03d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    digest = content_hash(_trainable(module).values())  # every rank must hold the same weights
+    (tmp / f"trainable-sha256-rank{rank}.txt").write_text(digest + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file(_trainable(module), str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "world_size": accelerator.num_processes,
+            },
+            tmp / "state.pt",
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a checkpoint appears complete or not at all
+        for old in sorted((out / "checkpoints").glob("epoch-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(
+    path: Path, accelerator: Any, module: TaskModel, optimizer: Any, scheduler: Any
+) -> tuple[int, dict]:
+    from safetensors.torch import load_file
+
+    state = torch.load(path / "state.pt", weights_only=False)
+    if state["world_size"] != accelerator.num_processes:
+        raise ValueError(
+            f"{path}: saved with {state['world_size']} processes, resumed with "
+            f"{accelerator.num_processes}"
+        )
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(torch.load(path / f"rng-rank{accelerator.process_index}.pt", weights_only=False))
+    return state["epoch"], state["history"]
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    return {
+        "mmtune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train, checkpoint every epoch, evaluate on the test split; returns the results dict."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model, splits, data, info = build(cfg)
+    module = model
+    model.to(accelerator.device)
+    head_params = list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    optimizer = torch.optim.Adam(
+        [
+            {"params": body, "lr": cfg.optim.lr},
+            {"params": head_params, "lr": cfg.optim.lr * cfg.optim.head_lr_scale},
+        ]
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, cfg.optim.decay_every, cfg.optim.decay_gamma
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_ds = splits["train"]
+    task = module.task
+
+    lower_seconds = 0.0
+    if module.lower_cache is not None:  # fixed order and batches: identical on every restart
+        t0 = time.perf_counter()
+        for name in dict.fromkeys(["train", cfg.task.val_split, cfg.task.test_split]):
+            ds = splits[name]
+            module.fill_lower_cache(
+                _to_device(b, accelerator.device)
+                for b in _batches(
+                    ds, list(range(len(ds))), cfg.optim.eval_batch_size, task, module.pixel_size
+                )
+            )
+        lower_seconds = time.perf_counter() - t0
+
+    first_epoch, history = 1, {"step_loss": [], "epochs": []}
+    if cfg.resume:
+        last = _last_checkpoint(out)
+        if last is not None:
+            done, history = _load_checkpoint(last, accelerator, module, optimizer, scheduler)
+            first_epoch = done + 1
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+
+    world, b = accelerator.num_processes, cfg.optim.batch_size
+    steps = len(train_ds) // (b * world)
+    if steps == 0:
+        raise ValueError(
+            f"{len(train_ds)} training samples cannot fill one global batch of "
+            f"{b} x {world} processes"
+        )
+    train_seconds = 0.0
+    model.train()
+    for epoch in range(first_epoch, cfg.optim.epochs + 1):
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        perm = torch.randperm(len(train_ds), generator=g).tolist()
+        bar = tqdm(
+            total=steps,
+            desc=f"{cfg.task.data} epoch {epoch}/{cfg.optim.epochs}",
+            disable=not (progress and accelerator.is_main_process),
+            mininterval=2.0,
+        )
+        t0 = time.perf_counter()
+        losses = []
+        for step in range(steps):
+            lo = step * b * world + accelerator.process_index * b
+            batch = collate([train_ds[i] for i in perm[lo : lo + b]], task, module.pixel_size)
+            loss = model(_to_device(batch, accelerator.device))["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.optim.grad_clip > 0:
+                accelerator.clip_grad_norm_(
+                    [p for grp in optimizer.param_groups for p in grp["params"]],
+                    cfg.optim.grad_clip,
+                )
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss.item():.4f}",
+                samples_s=f"{(step + 1) * b * world / (time.perf_counter() - t0):.1f}",
+                refresh=False,
+            )
+            if writer is not None:
+                writer.add_scalar("train/loss", loss.item(), (epoch - 1) * steps + step)
+        bar.close()
+        scheduler.step()
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        val = evaluate_split(
+            model, splits[cfg.task.val_split], accelerator, cfg.optim.eval_batch_size
+        )
+        history["step_loss"].extend(losses)
+        history["epochs"].append(
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val": val["metrics"],
+                "seconds": epoch_seconds,
+            }
+        )
+        if writer is not None:
+            for k, v in val["metrics"].items():
+                writer.add_scalar(f"val/{k}", v, epoch)
+        _save_checkpoint(
+            accelerator, module, optimizer, scheduler, epoch, history, out, cfg.keep_checkpoints
+        )
+
+    test = evaluate_split(
+        model,
+        splits[cfg.task.test_split],
+        accelerator,
+        cfg.optim.eval_batch_size,
+        with_predictions=task == "segmentation",
+    )
+    report = module.llm.trainable_parameters() if isinstance(module.llm, MiTModel) else None
+    n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in module.parameters())
+    results = {
+        "task": task,
+        "data": info,
+        "test_split": cfg.task.test_split,
+        "metrics": test["metrics"],
+        "conventions": test["conventions"],
+        "headline": {_headline(task): test["metrics"][_headline(task)]},
+        "history": history["epochs"],
+        "parameters": {
+            "trainable": n_train,
+            "total": n_total,
+            "share": n_train / n_total,
+            "infusion": report.trainable if report else 0,
+        },
+        "lower_layer_cache": None
+        if module.lower_cache is None
+        else {
+            "first_infused_layer": module.lower_cache.first_layer,
+            "bytes": module.lower_cache.nbytes,
+            "seconds_to_fill": lower_seconds,
+        },
+        "processes": world,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "versions": _versions(),
+        "config": asdict(cfg),
+    }
+    if accelerator.is_main_process:
+        rows = [{k: v for k, v in r.items() if k != "mask"} for r in test["rows"]]
+        with atomic_write(out / f"predictions-{cfg.task.test_split}.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        final = out / "final"
+        final.mkdir(exist_ok=True)
+        from safetensors.torch import save_file
+
+        with atomic_write(final / "trainable.safetensors") as tmp:
+            save_file(_trainable(module), str(tmp))
+        with atomic_write(final / "config.json") as tmp:
+            tmp.write_text(json.dumps(asdict(cfg), indent=2, default=str))
+        with atomic_write(final / "spec.json") as tmp:
+            tmp.write_text(json.dumps(info["model"], indent=2, default=str))
+        if cfg.plots:
+            from mmtune.report import write_pictures
+
+            results["pictures"] = write_pictures(out, task, history, test, splits, data, cfg)
+        with atomic_write(out / "results.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        if writer is not None:
+            writer.close()
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # ends cleanly (see DESIGN.md section 8)
+    return results

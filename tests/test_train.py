@@ -1,0 +1,233 @@
+"""End-to-end training on tiny random models: every task, kill-and-resume, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmtune import MiTConfig
+from mmtune.pipeline import TaskConfig
+from mmtune.train import ModelConfig, OptimConfig, TrainConfig, train
+from tiny_assets import tiny_llm_dir, tiny_vit_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return tiny_llm_dir(root / "llm"), tiny_vit_dir(root / "vit")
+
+
+def _config(assets, data, out, epochs=2, samples=120, **extra):
+    llm, vit = assets
+    return TrainConfig(
+        task=TaskConfig(data=data, data_options={"num_samples": samples}),
+        model=ModelConfig(llm=str(llm), vision=str(vit)),
+        mit=MiTConfig(layers=[3, 4]),
+        optim=OptimConfig(epochs=epochs, batch_size=8, lr=1e-3, head_lr_scale=1.0),
+        output_dir=str(out),
+        feature_cache=False,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("data", ["digits-ve", "shapes-ref", "movie-sentiment"])
+def test_each_task_trains_end_to_end_and_reports(assets, tmp_path, data):
+    cfg = _config(assets, data, tmp_path / "run")
+    results = train(cfg, progress=False)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["metrics"] == results["metrics"] and saved["conventions"]
+    assert saved["config"]["task"]["data"] == data and saved["versions"]["mmtune"]
+    assert 0 < saved["parameters"]["trainable"] < saved["parameters"]["total"]
+    assert saved["lower_layer_cache"]["first_infused_layer"] == 3
+    assert saved["lower_layer_cache"]["bytes"] > 0
+    ids = [
+        json.loads(line)["id"]
+        for line in (tmp_path / "run" / "predictions-test.jsonl").read_text().splitlines()
+    ]
+    assert (
+        len(ids)
+        == len(set(ids))
+        == saved["metrics"]["num_samples"]
+        == saved["data"]["splits"]["test"]
+    )
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "epoch-001",
+        "epoch-002",
+    ]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    pictures = {
+        "digits-ve": {"curves"},
+        "shapes-ref": {"curves", "masks"},
+        "movie-sentiment": {"curves", "scatter"},
+    }[data]
+    assert set(saved["pictures"]) == pictures
+    assert all(Path(p).stat().st_size > 1000 for p in saved["pictures"].values())
+    assert (tmp_path / "run" / "final" / "trainable.safetensors").is_file()
+
+
+def test_lower_layer_cache_gives_the_same_training(assets, tmp_path):
+    a = train(_config(assets, "digits-ve", tmp_path / "a", epochs=1), progress=False)
+    b = train(
+        _config(assets, "digits-ve", tmp_path / "b", epochs=1, cache_lower_layers=False),
+        progress=False,
+    )
+    assert b["lower_layer_cache"] is None
+    assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+    assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], rel=1e-4)
+
+
+def _yaml(assets, tmp_path, out: Path, epochs: int, samples: int) -> Path:
+    llm, vit = assets
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(f"""
+task: {{data: digits-ve, data_options: {{num_samples: {samples}}}}}
+model: {{llm: {llm}, vision: {vit}}}
+mit: {{layers: [3, 4]}}
+optim: {{epochs: {epochs}, batch_size: 4, lr: 1.0e-3, head_lr_scale: 1.0}}
+output_dir: {out}
+feature_cache: false
+plots: false
+""")
+    return path
+
+
+def _env(tmp_path):
+    return {
+        **os.environ,
+        "MMTUNE_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(assets, tmp_path):
+    epochs, samples = 4, 600
+    whole = tmp_path / "whole"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmtune.cli",
+            "train",
+            str(_yaml(assets, tmp_path, whole, epochs, samples)),
+            "--quiet",
+            "true",
+        ],
+        check=True,
+        env=_env(tmp_path),
+        capture_output=True,
+    )
+    broken = tmp_path / "broken"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmtune.cli",
+        "train",
+        str(_yaml(assets, tmp_path, broken, epochs, samples)),
+        "--quiet",
+        "true",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not (broken / "checkpoints" / "epoch-001").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "run ended before epoch 1 saved"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (broken / "results.json").exists()
+    assert not (broken / "checkpoints" / "epoch-004").exists()
+    subprocess.run([*cmd, "--resume", "true"], check=True, env=_env(tmp_path), capture_output=True)
+    a = json.loads((whole / "results.json").read_text())
+    b = json.loads((broken / "results.json").read_text())
+    assert b["metrics"] == a["metrics"]
+    assert [e["train_loss"] for e in b["history"]] == [e["train_loss"] for e in a["history"]]
+
+
+def test_two_process_ddp_on_cpu(assets, tmp_path):
+    out = tmp_path / "ddp"
+    config = _yaml(assets, tmp_path, out, epochs=2, samples=160)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "mmtune.cli",
+            "train",
+            str(config),
+            "--quiet",
+            "true",
+        ],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["processes"] == 2
+    last = out / "checkpoints" / "epoch-002"
+    digests = {p.read_text() for p in last.glob("trainable-sha256-rank*.txt")}
+    assert len(list(last.glob("trainable-sha256-rank*.txt"))) == 2 and len(digests) == 1
+    ids = [
+        json.loads(line)["id"] for line in (out / "predictions-test.jsonl").read_text().splitlines()
+    ]
+    assert len(ids) == len(set(ids)) == results["data"]["splits"]["test"]  # each sample once
+
+
+def test_eval_and_predict_from_a_run_directory(assets, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from mmtune import cli
+
+    run = tmp_path / "seg"
+    results = train(_config(assets, "shapes-ref", run, epochs=1), progress=False)
+    cli.main(["eval", str(run), "--split", "test"])
+    saved = json.loads((run / "eval-test.json").read_text())
+    assert saved["metrics"]["oIoU"] == pytest.approx(results["metrics"]["oIoU"], abs=1e-6)
+    image = np.zeros((64, 80, 3), np.uint8)
+    image[10:30, 10:30] = (40, 80, 220)
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    cli.main(
+        [
+            "predict",
+            str(run),
+            "the blue square",
+            "--image",
+            str(tmp_path / "scene.png"),
+            "--out",
+            str(tmp_path / "mask.png"),
+        ]
+    )
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Image.open(answer["overlay"]).size == (80, 64)
+    cls = tmp_path / "cls"
+    train(_config(assets, "digits-ve", cls, epochs=1), progress=False)
+    cli.main(
+        [
+            "predict",
+            str(cls),
+            "The digit is even.",
+            "--image",
+            str(tmp_path / "scene.png"),
+        ]
+    )
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["class"] in {"entailment", "neutral", "contradiction"}
