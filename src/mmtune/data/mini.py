@@ -60,9 +60,16 @@ class ListDataset(Dataset):
         return self.items[i]
 
 
-def _split_sizes(n: int, fractions: tuple[float, float]) -> tuple[int, int, int]:
+def _three_splits(items: list[dict[str, Any]], fractions: tuple[float, float]):
+    """train / val / test in order; fractions are (val, test) of all items."""
+    n = len(items)
     n_val, n_test = round(fractions[0] * n), round(fractions[1] * n)
-    return n - n_val - n_test, n_val, n_test
+    n_train = n - n_val - n_test
+    return {
+        "train": ListDataset(items[:n_train]),
+        "val": ListDataset(items[n_train : n_train + n_val]),
+        "test": ListDataset(items[n_train + n_val :]),
+    }
 
 
 # ----------------------------------------------------------------------------- shapes-ref
@@ -149,12 +156,7 @@ def shapes_ref(
         scene = _scene(rng, image_size)
         if scene is not None:
             items.append({**scene, "id": f"shapes-{seed}-{len(items)}"})
-    n_train, n_val, _ = _split_sizes(num_samples, fractions)
-    splits = {
-        "train": ListDataset(items[:n_train]),
-        "val": ListDataset(items[n_train : n_train + n_val]),
-        "test": ListDataset(items[n_train + n_val :]),
-    }
+    splits = _three_splits(items, fractions)
 
     def describe(item: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -222,12 +224,7 @@ def digits_ve(
                 "digit": digit,
             }
         )
-    n_train, n_val, _ = _split_sizes(len(items), fractions)
-    splits = {
-        "train": ListDataset(items[:n_train]),
-        "val": ListDataset(items[n_train : n_train + n_val]),
-        "test": ListDataset(items[n_train + n_val :]),
-    }
+    splits = _three_splits(items, fractions)
 
     def describe(item: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -312,12 +309,7 @@ def movie_sentiment(
             frames[:length] = signal + rng.normal(size=(length, width))
             item[m], item[f"{m}_length"] = frames, length
         items.append(item)
-    n_train, n_val, _ = _split_sizes(len(items), fractions)
-    splits = {
-        "train": ListDataset(items[:n_train]),
-        "val": ListDataset(items[n_train : n_train + n_val]),
-        "test": ListDataset(items[n_train + n_val :]),
-    }
+    splits = _three_splits(items, fractions)
 
     def describe(item: dict[str, Any]) -> dict[str, Any]:
         return {
