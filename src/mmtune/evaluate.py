@@ -8,7 +8,6 @@ their own sources, so a run directory stays a few MB.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -83,7 +82,6 @@ def evaluate_run(run: str | Path, split: str = "test") -> dict[str, Any]:
 
     run = Path(run)
     cfg = load_config(run)
-    cfg = dataclasses.replace(cfg, feature_cache=cfg.feature_cache)
     model, splits, _, _ = build(cfg)
     if split not in splits:
         raise ValueError(f"no split {split!r}; the data has {list(splits)}")
