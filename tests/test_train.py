@@ -231,3 +231,24 @@ def test_eval_and_predict_from_a_run_directory(assets, tmp_path, capsys):
     )
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert answer["class"] in {"entailment", "neutral", "contradiction"}
+
+
+def test_task_token_pooling_trains_and_is_saved(assets, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = _config(assets, "digits-ve", tmp_path / "tok", epochs=1)
+    cfg.task.pooling = "task_token"
+    results = train(cfg, progress=False)
+    assert results["lower_layer_cache"] is None  # the token enters at layer 0: nothing to cache
+    saved = load_file(str(tmp_path / "tok" / "final" / "trainable.safetensors"))
+    assert "task_token.embedding" in saved
+    from mmtune.evaluate import load_run
+
+    _, _, model = load_run(tmp_path / "tok")
+    batch = {"id": ["a", "b"], "text": ["The digit is even.", "The digit is odd."]}
+    with torch.no_grad():
+        before = model.text_vector(batch, torch.zeros(2, model.llm.mit_config.d_modality))
+        model.task_token.embedding.add_(1.0)
+        after = model.text_vector(batch, torch.zeros(2, model.llm.mit_config.d_modality))
+    assert (before - after).abs().max() > 1e-3  # the pooled vector is read at the task token

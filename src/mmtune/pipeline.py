@@ -32,6 +32,7 @@ from mmtune.heads import (
     RegressionHead,
     SegmentationDecoder,
     SegmentationDecoderConfig,
+    TaskToken,
     pool_last_token,
     position_ids_from_mask,
     regression_loss,
@@ -72,6 +73,9 @@ class TaskConfig:
     """Sentiment: the paper's RMSE, or L1."""
     max_train_samples: int | None = None
     """Use only the first N training samples (quick runs)."""
+    pooling: Literal["last", "task_token"] = "last"
+    """Text vector: the last prompt token's hidden state (the paper's choice), or a learned
+    task token (<SEG>/<CLS>, paper sec. 5.2) appended after the prompt and read back."""
 
     def __post_init__(self) -> None:
         if self.max_length < 4:
@@ -79,6 +83,10 @@ class TaskConfig:
         bad = set(self.modalities) - {"audio", "vision"}
         if bad:
             raise ValueError(f"TaskConfig.modalities: unknown {sorted(bad)} (audio, vision)")
+        if self.pooling not in ("last", "task_token"):
+            raise ValueError(
+                f"TaskConfig.pooling must be 'last' or 'task_token', got {self.pooling!r}"
+            )
 
 
 class LowerLayerCache:
@@ -160,6 +168,9 @@ class TaskModel(nn.Module):
                 )
         else:
             raise ValueError(f"unknown task {task!r}")
+        self.task_token: TaskToken | None = None
+        if config.pooling == "task_token":  # starts at the mean input embedding: a typical scale
+            self.task_token = TaskToken(d_text, base.get_input_embeddings().weight.mean(0))
         self.lower_cache: LowerLayerCache | None = None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -246,6 +257,10 @@ class TaskModel(nn.Module):
         else:
             inputs = self.tokenize(self.prompts(batch))
             mask = inputs["attention_mask"]
+            if self.task_token is not None:  # left padding: the token lands at position T
+                embeds = self.decoder_backbone.get_input_embeddings()(inputs["input_ids"])
+                embeds, mask, _ = self.task_token.insert(embeds, mask)
+                inputs = {"inputs_embeds": embeds, "attention_mask": mask}
             layers = _layer_slice(self.decoder_backbone, 0, None)
         pos = position_ids_from_mask(mask)
         with layers:

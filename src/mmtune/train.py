@@ -272,7 +272,13 @@ def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer
         decoder=cfg.model.decoder,
     )
     model.pixel_size = spec.get("pixel_size")
-    if cfg.cache_lower_layers and isinstance(wrapped, MiTModel) and min(wrapped.layer_ids) > 1:
+    lower_ok = cfg.task.pooling == "last"  # a trainable task token enters at layer 0
+    if (
+        cfg.cache_lower_layers
+        and lower_ok
+        and isinstance(wrapped, MiTModel)
+        and min(wrapped.layer_ids) > 1
+    ):
         model.lower_cache = LowerLayerCache(min(wrapped.layer_ids))
     return model
 
