@@ -132,3 +132,10 @@ def test_data_inspect_prints_sizes_and_a_sample(capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["data", "inspect", str(fixture), "--split", "test"])
     assert "no split 'test'" in capsys.readouterr().err
+
+
+def test_data_inspect_knows_the_mini_benchmarks(capsys):
+    cli.main(["data", "inspect", "digits-ve", "--split", "test", "--index", "2"])
+    out = capsys.readouterr().out
+    assert "digits-ve (mini): task classification; 1,797 samples" in out
+    assert "sample 2 of test:" in out and "digit:" in out

@@ -208,14 +208,18 @@ def data_inspect(
 
     Args:
         path: a data set file or folder (refs(unc).p, snli_ve_*.jsonl, a Food101 folder, an
-            MMSA .pkl ...).
+            MMSA .pkl ...), or a mini-benchmark name (shapes-ref, digits-ve, movie-sentiment).
         format: refcoco, snli-ve, food101, mmsa, or auto (detected from the path).
         split: the split to take the sample from (default: the first one).
         index: which sample of that split.
     """
     from mmtune.data import load_dataset
+    from mmtune.data.mini import MINI_BENCHMARKS
 
-    data = load_dataset(path, format)
+    if str(path) in MINI_BENCHMARKS and not Path(path).exists():
+        data = MINI_BENCHMARKS[str(path)]()
+    else:
+        data = load_dataset(path, format)
     sizes = data.sizes()
     print(f"{data.name}: task {data.task}; {sum(sizes.values()):,} samples")
     for name, n in sizes.items():
