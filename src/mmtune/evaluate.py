@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from mmtune.encoders.images import ImagePreprocess, to_rgb_array
 from mmtune.encoders.sequence import SequenceEncoderConfig
@@ -25,7 +24,15 @@ from mmtune.methods.base import atomic_write
 from mmtune.methods.mit import MiTConfig
 from mmtune.models.llm import load_llm
 from mmtune.pipeline import TaskConfig, TaskModel, collate
-from mmtune.train import ModelConfig, OptimConfig, TrainConfig, build, evaluate_split, make_model
+from mmtune.train import (
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    build,
+    evaluate_split,
+    load_trainable,
+    make_model,
+)
 
 __all__ = ["evaluate_run", "load_config", "load_run", "predict"]
 
@@ -49,18 +56,6 @@ def load_config(run: str | Path) -> TrainConfig:
     )
 
 
-def _load_weights(model: TaskModel, run: Path) -> None:
-    path = run / "final" / "trainable.safetensors"
-    weights = load_file(str(path))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-        raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, extra {extra[:5]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-
-
 def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any], TaskModel]:
     """(config, spec, task model with trained weights) of a finished run, without its data."""
     run = Path(run)
@@ -72,7 +67,7 @@ def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any], TaskModel]:
     )
     model = make_model(cfg, spec, llm, tokenizer)
     model.lower_cache = None
-    _load_weights(model, run)
+    load_trainable(model, run / "final" / "trainable.safetensors")
     return cfg, spec, model.eval()
 
 
@@ -86,7 +81,7 @@ def evaluate_run(run: str | Path, split: str = "test") -> dict[str, Any]:
     if split not in splits:
         raise ValueError(f"no split {split!r}; the data has {list(splits)}")
     model.lower_cache = None
-    _load_weights(model, run)
+    load_trainable(model, run / "final" / "trainable.safetensors")
     result = evaluate_split(
         model,
         splits[split],

@@ -131,9 +131,11 @@ class TaskModel(nn.Module):
         frame_widths: dict[str, int] | None = None,
         sequence: SequenceEncoderConfig | None = None,
         decoder: SegmentationDecoderConfig | None = None,
+        pixel_size: int | None = None,
     ):
         super().__init__()
         self.task, self.config, self.tokenizer = task, config, tokenizer
+        self.pixel_size = pixel_size  # segmentation: side of the encoder input, where masks live
         self.llm = llm  # a MiTModel, or the frozen base model for text-only runs
         base = llm.base_model if isinstance(llm, MiTModel) else llm
         self.decoder_backbone = base.get_decoder()
@@ -175,6 +177,7 @@ class TaskModel(nn.Module):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # the last real token sits at position T - 1
+        tokenizer.truncation_side = "left"  # long prompts keep their task suffix
 
     # ------------------------------------------------------------------ text
     def prompts(self, batch: dict[str, Any]) -> list[str]:
@@ -186,7 +189,6 @@ class TaskModel(nn.Module):
         return next(iter(self.prompt.fields))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        self.tokenizer.truncation_side = "left"
         enc = self.tokenizer(
             texts,
             return_tensors="pt",

@@ -46,7 +46,7 @@ from mmtune.models.cache import FeatureCache, content_hash
 from mmtune.models.llm import load_llm
 from mmtune.pipeline import LowerLayerCache, TaskConfig, TaskModel, collate
 
-__all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "evaluate_split", "train"]
+__all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "evaluate_split", "load_trainable", "train"]
 
 
 @dataclass
@@ -270,8 +270,8 @@ def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer
         frame_widths=spec.get("frame_widths"),
         sequence=cfg.model.sequence,
         decoder=cfg.model.decoder,
+        pixel_size=spec.get("pixel_size"),
     )
-    model.pixel_size = spec.get("pixel_size")
     lower_ok = cfg.task.pooling == "last"  # a trainable task token enters at layer 0
     if (
         cfg.cache_lower_layers
@@ -362,6 +362,20 @@ def _trainable(module: TaskModel) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
+def load_trainable(module: nn.Module, path: Path) -> None:
+    """Copy a trainable.safetensors into ``module``; its keys must be exactly the trainable ones."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, extra {extra[:5]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
 def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
@@ -401,11 +415,12 @@ def _save_checkpoint(
     accelerator.wait_for_everyone()
     rank = accelerator.process_index
     torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
-    digest = content_hash(_trainable(module).values())  # every rank must hold the same weights
+    trainable = _trainable(module)
+    digest = content_hash(trainable.values())  # every rank must hold the same weights
     (tmp / f"trainable-sha256-rank{rank}.txt").write_text(digest + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file(_trainable(module), str(tmp / "trainable.safetensors"))
+        save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save(
             {
                 "epoch": epoch,
@@ -426,7 +441,6 @@ def _save_checkpoint(
 def _load_checkpoint(
     path: Path, accelerator: Any, module: TaskModel, optimizer: Any, scheduler: Any
 ) -> tuple[int, dict]:
-    from safetensors.torch import load_file
 
     state = torch.load(path / "state.pt", weights_only=False)
     if state["world_size"] != accelerator.num_processes:
@@ -434,11 +448,7 @@ def _load_checkpoint(
             f"{path}: saved with {state['world_size']} processes, resumed with "
             f"{accelerator.num_processes}"
         )
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_trainable(module, path / "trainable.safetensors")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(torch.load(path / f"rng-rank{accelerator.process_index}.pt", weights_only=False))

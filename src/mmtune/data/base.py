@@ -14,7 +14,14 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-__all__ = ["DataSplits", "SafeUnpickler", "load_pickle", "read_jsonl", "require_file"]
+__all__ = [
+    "DataSplits",
+    "SafeUnpickler",
+    "load_pickle",
+    "read_jsonl",
+    "require_fields",
+    "require_file",
+]
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -22,6 +29,13 @@ def require_file(path: str | Path, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file ({what})")
     return path
+
+
+def require_fields(record: dict[str, Any], fields: tuple[str, ...], where: str) -> None:
+    """Raise one error naming the place and every missing field."""
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
 
 
 # Globals a data pickle may name: containers and numpy arrays, never code.

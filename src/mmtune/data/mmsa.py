@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from mmtune.data.base import DataSplits, load_pickle
+from mmtune.data.base import DataSplits, load_pickle, require_fields
 
 __all__ = ["MMSA_WIDTHS", "SentimentDataset", "load_mmsa"]
 
@@ -73,9 +73,7 @@ def load_mmsa(path: str | Path, dataset: str | None = None) -> DataSplits:
             raise ValueError(f"{path}: missing split {split!r} (has {sorted(data)})")
         d = dict(data[split])  # a shallow copy: the loaded file contents stay as they were
         where = f"{path}, split {split!r}"
-        missing = [f for f in FIELDS if f not in d]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}")
+        require_fields(d, FIELDS, where)
         n = len(d["raw_text"])
         if n == 0:
             raise ValueError(f"{where}: no samples")

@@ -24,7 +24,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from mmtune.data.base import DataSplits, load_pickle, require_file
+from mmtune.data.base import DataSplits, load_pickle, require_fields, require_file
 from mmtune.encoders.images import to_rgb_array
 
 __all__ = ["RefCOCODataset", "annotation_mask", "load_refcoco"]
@@ -92,12 +92,6 @@ class RefCOCODataset(Dataset):
         return {**s, "image": image, "mask": self.mask(i)}
 
 
-def _check(record: dict, fields: tuple[str, ...], where: str) -> None:
-    missing = [f for f in fields if f not in record]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
-
-
 def load_refcoco(
     refs: str | Path,
     instances: str | Path | None = None,
@@ -118,23 +112,21 @@ def load_refcoco(
         coco = json.loads(inst_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{inst_path}: not valid JSON ({e})") from e
-    for key in ("images", "annotations"):
-        if key not in coco:
-            raise ValueError(f"{inst_path}: missing field {key!r}")
+    require_fields(coco, ("images", "annotations"), str(inst_path))
     images = {}
     for i, im in enumerate(coco["images"]):
-        _check(im, ("id", "file_name", "height", "width"), f"{inst_path}, images[{i}]")
+        require_fields(im, ("id", "file_name", "height", "width"), f"{inst_path}, images[{i}]")
         images[im["id"]] = im
     anns = {}
     for i, ann in enumerate(coco["annotations"]):
-        _check(ann, ("id", "image_id", "segmentation"), f"{inst_path}, annotations[{i}]")
+        require_fields(ann, ("id", "image_id", "segmentation"), f"{inst_path}, annotations[{i}]")
         anns[ann["id"]] = ann
 
     rng = random.Random(seed)
     by_split: dict[str, list[dict[str, Any]]] = {}
     for i, ref in enumerate(ref_list):
         where = f"{refs_path}, ref #{i}"
-        _check(ref, ("ref_id", "ann_id", "image_id", "split", "sentences"), where)
+        require_fields(ref, ("ref_id", "ann_id", "image_id", "split", "sentences"), where)
         if ref["split"] not in SPLITS:
             raise ValueError(f"{where}: field 'split' is {ref['split']!r}, not one of {SPLITS}")
         if ref["ann_id"] not in anns:
@@ -147,7 +139,7 @@ def load_refcoco(
         if not sentences:
             raise ValueError(f"{where}: no sentences")
         for j, sent in enumerate(sentences):
-            _check(sent, ("sent",), f"{where}, sentences[{j}]")
+            require_fields(sent, ("sent",), f"{where}, sentences[{j}]")
         chosen = [rng.choice(sentences)] if one_sentence_per_ref else sentences
         for j, sent in enumerate(chosen):
             by_split.setdefault(ref["split"], []).append(

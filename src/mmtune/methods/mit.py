@@ -407,37 +407,35 @@ class MiTModel(nn.Module):
             k_proj = resolve(block, spec.k_proj)
             v_proj = resolve(block, spec.v_proj)
 
-            def k_hook(module, args, kwargs, output):
-                ctx = self._active(where)
-                if ctx is None:
-                    return None
-                m = self._layer_maps(ctx, layer_id)
-                b = output.shape[0]
-                g = None
-                if m.probe is not None:
-                    # k_proj runs before v_proj: compute the raw values here (hooks bypassed).
-                    ctx.bypass = True
-                    try:
-                        raw_v = v_proj(*args, **kwargs)
-                    finally:
-                        ctx.bypass = False
-                    g = adapter.head_gate(raw_v, _match_batch(m.probe, b, where))
-                return adapter.infuse(
-                    output, _match_batch(m.k_scale, b, where), _match_batch(m.k_shift, b, where), g
-                )
+            def kv_hook(which: str):
+                """The hook of k_proj (``which="k"``) or v_proj (``"v"``)."""
 
-            def v_hook(module, args, kwargs, output):
-                ctx = self._active(where)
-                if ctx is None:
-                    return None
-                m = self._layer_maps(ctx, layer_id)
-                b = output.shape[0]
-                g = None
-                if m.probe is not None:
-                    g = adapter.head_gate(output, _match_batch(m.probe, b, where))
-                return adapter.infuse(
-                    output, _match_batch(m.v_scale, b, where), _match_batch(m.v_shift, b, where), g
-                )
+                def hook(module, args, kwargs, output):
+                    ctx = self._active(where)
+                    if ctx is None:
+                        return None
+                    m = self._layer_maps(ctx, layer_id)
+                    b = output.shape[0]
+                    g = None
+                    if m.probe is not None:
+                        raw_v = output
+                        if which == "k":  # k_proj runs first: compute the raw values here
+                            ctx.bypass = True
+                            try:
+                                raw_v = v_proj(*args, **kwargs)
+                            finally:
+                                ctx.bypass = False
+                        g = adapter.head_gate(raw_v, _match_batch(m.probe, b, where))
+                    scale, shift = (
+                        (m.k_scale, m.k_shift) if which == "k" else (m.v_scale, m.v_shift)
+                    )
+                    return adapter.infuse(
+                        output, _match_batch(scale, b, where), _match_batch(shift, b, where), g
+                    )
+
+                return hook
+
+            k_hook, v_hook = kv_hook("k"), kv_hook("v")
 
             self._handles.append(k_proj.register_forward_hook(k_hook, with_kwargs=True))
             self._handles.append(v_proj.register_forward_hook(v_hook, with_kwargs=True))
