@@ -53,6 +53,17 @@ def test_every_config_parses(path):
     elif path.parent.name == "mit":
         parser = auto_parser(cli.params, as_positional=False)
         assert parser.instantiate(parser.parse_path(str(path))).mit.d_modality > 0
+    elif path.parent.name == "compare":  # grids of `mmtune compare`: every file exists
+        parser = auto_parser(cli.compare, as_positional=False)
+        grid = parser.instantiate(parser.parse_path(str(path)))
+        from mmtune.compare import CompareConfig
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(ROOT)
+            cfg = CompareConfig(
+                **{k: v for k, v in vars(grid).items() if k not in ("__path__", "report_only")}
+            )
+        assert cfg.benchmarks and cfg.variants and cfg.seeds == [0, 1, 2]
     elif path.name == "smoke.yaml":
         parser = auto_parser(cli.smoke, as_positional=False)
         assert parser.instantiate(parser.parse_path(str(path))).settings.steps > 0

@@ -13,11 +13,14 @@ from pathlib import Path
 from jsonargparse import auto_cli, set_parsing_settings
 
 from mmtune._version import __version__
+from mmtune.bench import BENCH_METHODS, BenchConfig
+from mmtune.compare import CompareConfig
 from mmtune.demo import SmokeDemoConfig, run_smoke_demo
 from mmtune.methods.base import atomic_write
+from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
 from mmtune.pipeline import TaskConfig
-from mmtune.train import ModelConfig, OptimConfig, TrainConfig
+from mmtune.train import Method, ModelConfig, OptimConfig, TrainConfig
 
 DEMO_CONFIGS = ("shapes-ref", "digits-ve", "movie-sentiment")
 
@@ -246,7 +249,10 @@ def data_inspect(
 def train(
     task: TaskConfig = TaskConfig(),  # noqa: B008 (jsonargparse reads these defaults)
     model: ModelConfig = ModelConfig(),  # noqa: B008
+    method: Method = "mit",
     mit: MiTConfig = MiTConfig(),  # noqa: B008
+    concat: ConcatConfig = ConcatConfig(),  # noqa: B008
+    peft: PeftAdapterConfig = PeftAdapterConfig(),  # noqa: B008
     optim: OptimConfig = OptimConfig(),  # noqa: B008
     output_dir: str = "runs/train",
     seed: int = 0,
@@ -257,14 +263,17 @@ def train(
     plots: bool = True,
     quiet: bool = False,
 ) -> None:
-    """Train MiT on a task: mmtune train CONFIG.yaml [--optim.epochs=3 ...].
+    """Train on a task: mmtune train CONFIG.yaml [--config VARIANT.yaml] [--optim.epochs=3 ...].
 
     The arguments are the fields of mmtune.train.TrainConfig (see its docs), plus quiet.
     """
     config = TrainConfig(
         task=task,
         model=model,
+        method=method,
         mit=mit,
+        concat=concat,
+        peft=peft,
         optim=optim,
         output_dir=output_dir,
         seed=seed,
@@ -333,6 +342,107 @@ def predict(
     print(json.dumps(run_predict(run, text, image, frames, out)))
 
 
+def bench(
+    llm: str = "smollm2-135m",
+    num_layers: int | None = None,
+    methods: list[str] = list(BENCH_METHODS),  # noqa: B006
+    text_lengths: list[int] = [32, 64, 128],  # noqa: B006
+    image_tokens: list[int] = [0, 64, 256, 576],  # noqa: B006
+    batch_size: int = 8,
+    d_image: int = 1024,
+    mit: MiTConfig = MiTConfig(),  # noqa: B008
+    peft: PeftAdapterConfig = PeftAdapterConfig(),  # noqa: B008
+    warmup: int = 1,
+    repeats: int = 3,
+    max_seconds: float = 60.0,
+    dtype: str = "float32",
+    device: str = "auto",
+    seed: int = 0,
+    output: Path = Path("benchmarks/results/bench.json"),
+    plot: bool = True,
+) -> None:
+    """Cost of text / MiT / concatenation (+LoRA, +IA3) side by side: time, memory, FLOPs.
+
+    The arguments are the fields of mmtune.bench.BenchConfig (see its docs), plus: output, the
+    JSON file to write (every row, the ratios against the targets, the setup), and plot, whether
+    to write a PNG beside it (cost against image tokens, one line per method).
+    """
+    config = BenchConfig(
+        llm=llm,
+        num_layers=num_layers,
+        methods=methods,
+        text_lengths=text_lengths,
+        image_tokens=image_tokens,
+        batch_size=batch_size,
+        d_image=d_image,
+        mit=mit,
+        peft=peft,
+        warmup=warmup,
+        repeats=repeats,
+        max_seconds=max_seconds,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+    from mmtune.bench import plot_bench, run_bench, write_bench
+
+    def show(row: dict) -> None:
+        fwd = f"forward {row['forward_ms']:9.1f} ms" if "forward_ms" in row else " " * 22
+        print(
+            f"  {row['method']:<12} T={row['text_length']:<4} N={row['image_tokens']:<4} {fwd}"
+            f"  step {row['train_step_ms']:9.1f} ms  peak {row['peak_memory_bytes'] / 1e9:6.2f} GB"
+            f"  saved {row['saved_activation_bytes'] / 1e6:9.1f} MB",
+            flush=True,
+        )
+
+    result = run_bench(config, progress=show)
+    write_bench(result, output)
+    print(f"wrote {output}")
+    if plot:
+        print(f"wrote {plot_bench(result, output.with_suffix('.png'))}")
+    for name, ratio in result["ratios"].items():
+        if "target" in ratio:
+            value = ratio.get("value", ratio)
+            print(f"  {name}: {json.dumps(value)} (target {ratio['target']}; met: {ratio['met']})")
+
+
+def compare(
+    benchmarks: list[str] = CompareConfig().benchmarks,  # noqa: B008
+    variants: list[str] = CompareConfig().variants,  # noqa: B008
+    seeds: list[int] = [0, 1, 2],  # noqa: B006
+    lrs: list[float] | None = None,
+    output_dir: str = "benchmarks/results/accuracy",
+    workers: int = 1,
+    threads: int | None = None,
+    keep_weights: bool = False,
+    report_only: bool = False,
+) -> None:
+    """Train every variant on every benchmark with every seed; write accuracy.json / .md.
+
+    The arguments are the fields of mmtune.compare.CompareConfig (see its docs), plus
+    report_only: aggregate the runs already in output_dir without starting any.
+    """
+    from mmtune.compare import report, run_compare
+
+    if report_only:
+        table = report(output_dir)
+    else:
+        cfg = CompareConfig(
+            benchmarks=benchmarks,
+            variants=variants,
+            seeds=seeds,
+            lrs=lrs,
+            output_dir=output_dir,
+            workers=workers,
+            threads=threads,
+            keep_weights=keep_weights,
+        )
+        table = run_compare(cfg, log=lambda line: print(line, flush=True))
+        for failure in table["failures"]:
+            print(f"failed: {failure}")
+    print(Path(output_dir, "accuracy.md").read_text())
+
+
 def version() -> None:
     """Print the mmtune version."""
     print(__version__)
@@ -354,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
                 "train": train,
                 "eval": evaluate,
                 "predict": predict,
+                "bench": bench,
+                "compare": compare,
                 "version": version,
             },
             args=argv,

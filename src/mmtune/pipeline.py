@@ -7,6 +7,12 @@ One :class:`TaskModel` serves the three tasks:
 - sentiment: I = concat of trainable sequence encoders over the chosen frame modalities; head =
   linear on the pooled text. With no modality chosen, MiT is not injected (text only).
 
+``method`` says how the modality reaches the LLM: ``mit`` (the vector I, infused), ``text``
+(not at all: the frozen LLM reads the prompt only; a classification head then sees the text
+vector alone, a segmentation decoder still reads the image maps it segments), or ``concat``
+(projected tokens before the text, :mod:`mmtune.methods.concat`; PEFT adapters, if any, are
+already in the LLM).
+
 Frozen-encoder features are computed once per split (and cached on disk when asked). The hidden
 states below the first infused layer do not depend on I, so with ``cache_lower_layers`` they
 are computed once per sample, in a fixed order, and every training step runs only the layers
@@ -38,6 +44,7 @@ from mmtune.heads import (
     regression_loss,
     segmentation_loss,
 )
+from mmtune.methods.concat import ConcatConfig, TokenProjector, image_tokens
 from mmtune.methods.mit import MiTModel
 
 __all__ = ["LowerLayerCache", "TaskConfig", "TaskModel"]
@@ -132,9 +139,14 @@ class TaskModel(nn.Module):
         sequence: SequenceEncoderConfig | None = None,
         decoder: SegmentationDecoderConfig | None = None,
         pixel_size: int | None = None,
+        method: str = "mit",
+        concat: ConcatConfig | None = None,
     ):
         super().__init__()
+        if method not in ("mit", "text", "concat"):
+            raise ValueError(f"TaskModel: unknown method {method!r} (mit, text, concat)")
         self.task, self.config, self.tokenizer = task, config, tokenizer
+        self.method = method
         self.pixel_size = pixel_size  # segmentation: side of the encoder input, where masks live
         self.llm = llm  # a MiTModel, or the frozen base model for text-only runs
         base = llm.base_model if isinstance(llm, MiTModel) else llm
@@ -151,15 +163,15 @@ class TaskModel(nn.Module):
             ]
         )
         self.frames: MultiModalSequenceEncoder | None = None
-        if task == "classification":
-            self.head = ClassificationHead(d_image, d_text, num_classes)
+        if task == "classification":  # the text baseline's head sees no image either
+            self.head = ClassificationHead(0 if method == "text" else d_image, d_text, num_classes)
         elif task == "segmentation":
             if level_channels is None:
                 raise ValueError("segmentation needs the encoder's level_channels")
             self.head = SegmentationDecoder(level_channels, d_text, decoder)
         elif task == "sentiment":
             self.head = RegressionHead(d_text)
-            if config.modalities:
+            if config.modalities and method == "mit":
                 seq = sequence or SequenceEncoderConfig()
                 widths = frame_widths or {}
                 self.frames = MultiModalSequenceEncoder(
@@ -170,6 +182,18 @@ class TaskModel(nn.Module):
                 )
         else:
             raise ValueError(f"unknown task {task!r}")
+        self.concat = concat or ConcatConfig()
+        self.projector: TokenProjector | None = None
+        if method == "concat":
+            if task == "sentiment":
+                if not config.modalities:
+                    raise ValueError("method concat on sentiment needs task.modalities")
+                widths = {m: (frame_widths or {})[m] for m in config.modalities}
+            else:
+                if level_channels is None:
+                    raise ValueError("method concat needs the image encoder's level_channels")
+                widths = {"image": level_channels[-1]}
+            self.projector = TokenProjector(widths, d_text, self.concat.projector)
         self.task_token: TaskToken | None = None
         if config.pooling == "task_token":  # starts at the mean input embedding: a typical scale
             self.task_token = TaskToken(d_text, base.get_input_embeddings().weight.mean(0))
@@ -200,6 +224,9 @@ class TaskModel(nn.Module):
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     def modality(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The MiT modality vector I (B, d_I), or None when the LLM gets no vector."""
+        if self.method != "mit":
+            return None
         if self.task == "sentiment":
             if self.frames is None:
                 return None
@@ -208,12 +235,23 @@ class TaskModel(nn.Module):
             return self.frames(frames, lengths)
         return batch["pooled"]
 
+    def prefix_tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenation: projected modality tokens (B, N, d) and their mask (B, N)."""
+        assert self.projector is not None
+        if self.task == "sentiment":
+            sources = {}
+            for m in self.config.modalities:
+                frames = batch[m]  # (B, L, C), zero-padded after each sample's length
+                steps = torch.arange(frames.shape[1], device=frames.device)
+                sources[m] = (frames, steps[None] < batch[f"{m}_length"].to(frames.device)[:, None])
+        else:
+            feats = image_tokens(batch["level2"], self.concat.grid)  # (B, h*w, C)
+            sources = {"image": (feats, feats.new_ones(feats.shape[:2]))}
+        return self.projector(sources)
+
     def _upper_layers_only(self) -> bool:
-        return (
-            self.lower_cache is not None
-            and isinstance(self.llm, MiTModel)
-            and self.llm.base_model.config.model_type in _PASSTHROUGH
-        )
+        base = self.llm.base_model if isinstance(self.llm, MiTModel) else self.llm
+        return self.lower_cache is not None and base.config.model_type in _PASSTHROUGH
 
     @torch.no_grad()
     def fill_lower_cache(self, batches: Iterator[dict[str, Any]]) -> None:
@@ -259,9 +297,14 @@ class TaskModel(nn.Module):
         else:
             inputs = self.tokenize(self.prompts(batch))
             mask = inputs["attention_mask"]
-            if self.task_token is not None:  # left padding: the token lands at position T
+            if self.task_token is not None or self.projector is not None:
                 embeds = self.decoder_backbone.get_input_embeddings()(inputs["input_ids"])
-                embeds, mask, _ = self.task_token.insert(embeds, mask)
+                if self.task_token is not None:  # left padding: the token lands at position T
+                    embeds, mask, _ = self.task_token.insert(embeds, mask)
+                if self.projector is not None:  # [tokens ; pads ; text]: pads stay masked
+                    tokens, token_mask = self.prefix_tokens(batch)
+                    embeds = torch.cat([tokens.to(embeds.dtype), embeds], dim=1)
+                    mask = torch.cat([token_mask.to(mask.device), mask], dim=1)
                 inputs = {"inputs_embeds": embeds, "attention_mask": mask}
             layers = _layer_slice(self.decoder_backbone, 0, None)
         pos = position_ids_from_mask(mask)
@@ -278,7 +321,7 @@ class TaskModel(nn.Module):
         modality = self.modality(batch)
         text = self.text_vector(batch, modality)
         if self.task == "classification":
-            logits = self.head(batch["pooled"], text)
+            logits = self.head(batch["pooled"] if self.head.d_image else None, text)
             out = {"logits": logits, "prediction": logits.argmax(-1)}
             if "label" in batch:
                 out["loss"] = F.cross_entropy(logits, batch["label"])
@@ -304,9 +347,10 @@ def collate(items: list[dict[str, Any]], task: str, pixel_size: int | None = Non
             batch[key] = [it[key] for it in items]
     if "pooled" in items[0]:
         batch["pooled"] = torch.stack([it["pooled"] for it in items])
-    if task == "segmentation":
-        for i in range(3):
+    for i in range(3):  # feature maps: the segmentation decoder's, or concatenated tokens
+        if f"level{i}" in items[0]:
             batch[f"level{i}"] = torch.stack([it[f"level{i}"] for it in items])
+    if task == "segmentation":
         batch["pixel_size"] = (pixel_size, pixel_size)
         if "mask" in items[0]:
             masks = [

@@ -35,6 +35,7 @@ from mmtune.encoders.sequence import SequenceEncoderConfig
 from mmtune.encoders.vision import encode_images, load_vision_encoder
 from mmtune.heads import SegmentationDecoderConfig
 from mmtune.methods.base import atomic_write
+from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig, inject_peft
 from mmtune.methods.mit import MiTConfig, MiTModel, inject_mit
 from mmtune.metrics import (
     classification_metrics,
@@ -98,6 +99,10 @@ class OptimConfig:
             raise ValueError("OptimConfig: lr and head_lr_scale must be > 0")
 
 
+Method = Literal["mit", "text", "concat", "concat_lora", "concat_ia3"]
+METHOD_NAMES: tuple[str, ...] = ("mit", "text", "concat", "concat_lora", "concat_ia3")
+
+
 @dataclass
 class TrainConfig:
     """One training run."""
@@ -106,8 +111,16 @@ class TrainConfig:
     """Data, prompt and task options."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Frozen models and trainable encoder shapes."""
+    method: Method = "mit"
+    """How the modality reaches the frozen LLM: ``mit`` (infusion); ``text`` (it does not:
+    text-only baseline); ``concat`` (projected tokens before the text, projector trained);
+    ``concat_lora`` / ``concat_ia3`` (the same plus LoRA / IA3 adapters in the LLM, via PEFT)."""
     mit: MiTConfig = field(default_factory=MiTConfig)
     """MiT (d_modality is set from the modality encoder when left empty)."""
+    concat: ConcatConfig = field(default_factory=ConcatConfig)
+    """Token concatenation (methods concat, concat_lora, concat_ia3)."""
+    peft: PeftAdapterConfig = field(default_factory=PeftAdapterConfig)
+    """LoRA / IA3 adapters (methods concat_lora, concat_ia3)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimiser and schedule."""
     output_dir: str = "runs/train"
@@ -124,6 +137,12 @@ class TrainConfig:
     """How many epoch checkpoints to keep (the newest)."""
     plots: bool = True
     """Write PNG pictures (curves, masks or scatter)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_NAMES:
+            raise ValueError(
+                f"TrainConfig.method must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}"
+            )
 
 
 # ----------------------------------------------------------------------------- data
@@ -207,7 +226,7 @@ def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits
             feats = encode_images(
                 encoder,
                 _images(split),
-                levels=task == "segmentation",
+                levels=task == "segmentation" or cfg.method.startswith("concat"),
                 cache=cache,
                 name=f"{cfg.task.data}-{name}".replace("/", "_"),
             )
@@ -251,11 +270,17 @@ def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits
 def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer: Any) -> TaskModel:
     """The task model from a run's config and its data-derived spec (saved as final/spec.json)."""
     d_modality = spec["d_modality"]
-    if d_modality:
+    method = "concat" if cfg.method.startswith("concat") else cfg.method
+    if method != "mit":
+        wrapped: nn.Module = llm
+        llm.requires_grad_(False)
+        if cfg.method in ("concat_lora", "concat_ia3"):
+            inject_peft(llm, cfg.method.removeprefix("concat_"), cfg.peft)
+    elif d_modality:
         mit_cfg = MiTConfig(**{**asdict(cfg.mit), "d_modality": cfg.mit.d_modality or d_modality})
         if mit_cfg.d_modality != d_modality:
             raise ValueError(f"mit.d_modality {mit_cfg.d_modality} != the encoder's {d_modality}")
-        wrapped: nn.Module = inject_mit(llm, mit_cfg)
+        wrapped = inject_mit(llm, mit_cfg)
     else:
         llm.requires_grad_(False)
         wrapped = llm
@@ -271,15 +296,15 @@ def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer
         sequence=cfg.model.sequence,
         decoder=cfg.model.decoder,
         pixel_size=spec.get("pixel_size"),
+        method=method,
+        concat=cfg.concat,
     )
     lower_ok = cfg.task.pooling == "last"  # a trainable task token enters at layer 0
-    if (
-        cfg.cache_lower_layers
-        and lower_ok
-        and isinstance(wrapped, MiTModel)
-        and min(wrapped.layer_ids) > 1
-    ):
-        model.lower_cache = LowerLayerCache(min(wrapped.layer_ids))
+    if cfg.cache_lower_layers and lower_ok:
+        if isinstance(wrapped, MiTModel) and min(wrapped.layer_ids) > 1:
+            model.lower_cache = LowerLayerCache(min(wrapped.layer_ids))
+        elif method == "text" or (method == "mit" and not d_modality):  # the whole LLM is frozen
+            model.lower_cache = LowerLayerCache(wrapped.config.num_hidden_layers + 1)
     return model
 
 

@@ -87,8 +87,10 @@ class MiTConfig:
     d_modality: int | None = None
     """Width d_I of the per-sample modality vector I (768 for CLIP ViT-L/14's image_embeds);
     ``None`` lets the training pipeline set it from the modality encoder."""
-    layers: list[int] | Literal["paper", "all"] = "paper"
-    """Infused layers, 1-based; ``paper`` = {N-19, N-15, ..., N-3, N}; ``all`` = 1..N."""
+    layers: list[int] | str = "paper"
+    """Infused layers, 1-based; ``paper`` = {N-19, N-15, ..., N-3, N}; ``all`` = 1..N; or a set
+    written for another depth and scaled to this model's, ``"1,9,17,25,32/32"`` (layer l of 32
+    becomes round(l * N / 32), at least 1: the paper's Table 5 sets on any depth)."""
     form: Form = "gated"
     """How the infusion combines with the frozen K/V: ``paper`` (eqs. 2-5 literally),
     ``residual`` (the authors' code) or ``gated`` (exact identity at init)."""
@@ -113,10 +115,7 @@ class MiTConfig:
             raise ValueError(f"MiTConfig.d_modality must be positive, got {self.d_modality}")
         if isinstance(self.layers, str):
             if self.layers not in ("paper", "all"):
-                raise ValueError(
-                    f"MiTConfig.layers must be a list of 1-based layer numbers, 'paper' or "
-                    f"'all'; got {self.layers!r}"
-                )
+                _scaled_layers(self.layers, 1)  # validates the "l1,l2,.../N" form
         else:
             layers = list(self.layers)
             if not layers:
@@ -149,6 +148,8 @@ class MiTConfig:
             return paper_layers(num_layers)
         if self.layers == "all":
             return list(range(1, num_layers + 1))
+        if isinstance(self.layers, str):
+            return _scaled_layers(self.layers, num_layers)
         out_of_range = [x for x in self.layers if x > num_layers]
         if out_of_range:
             raise ValueError(
@@ -159,6 +160,23 @@ class MiTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _scaled_layers(spec: str, num_layers: int) -> list[int]:
+    """``"1,9,17,25,32/32"`` -> those layers of a 32-layer model scaled to ``num_layers``."""
+    bad = ValueError(
+        f"MiTConfig.layers {spec!r}: expected 'paper', 'all', a list, or 'l1,l2,.../N' "
+        "(1-based layers of an N-layer model, scaled to this model's depth)"
+    )
+    layers_part, sep, depth_part = spec.partition("/")
+    try:
+        depth = int(depth_part)
+        layers = [int(x) for x in layers_part.split(",")]
+    except ValueError:
+        raise bad from None
+    if not sep or depth < 1 or not layers or any(not 1 <= x <= depth for x in layers):
+        raise bad
+    return sorted({min(num_layers, max(1, round(x * num_layers / depth))) for x in layers})
 
 
 class LayerMaps(NamedTuple):

@@ -1,0 +1,94 @@
+"""`mmtune compare`: the grid runner, learning rate chosen on val, resumable, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmtune import cli
+from mmtune.compare import CompareConfig, plan, report, run_compare
+from tiny_assets import tiny_llm_dir, tiny_vit_dir
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    llm, vit = tiny_llm_dir(root / "llm"), tiny_vit_dir(root / "vit")
+    bench = root / "digits.yaml"
+    bench.write_text(
+        f"""
+task: {{data: digits-ve, data_options: {{num_samples: 60}}}}
+model: {{llm: {llm}, vision: {vit}}}
+mit: {{layers: [3, 4]}}
+optim: {{epochs: 1, batch_size: 8, lr: 1.0e-3, head_lr_scale: 1.0}}
+feature_cache: false
+plots: false
+"""
+    )
+    text = root / "text.yaml"
+    text.write_text("method: text\n")
+    mit = root / "mit.yaml"
+    mit.write_text("method: mit\n")
+    audio = root / "sentiment-audio.yaml"  # sentiment-only: skipped on digits
+    audio.write_text("task: {modalities: [audio]}\n")
+    cfg = CompareConfig(
+        benchmarks=[str(bench)],
+        variants=[str(text), str(mit), str(audio)],
+        seeds=[0, 1],
+        lrs=[1e-3, 3e-4],
+        output_dir=str(root / "out"),
+        workers=2,
+        threads=1,
+    )
+    return cfg, run_compare(cfg)
+
+
+def test_grid_runs_selection_then_seeds_and_reports(grid):
+    cfg, table = grid
+    assert table["failures"] == []
+    assert [(p[1].split("/")[-1]) for p in plan(cfg)] == ["text.yaml", "mit.yaml"]
+    rows = {r["variant"]: r for r in table["rows"]}
+    assert set(rows) == {"text", "mit"}
+    for name, row in rows.items():
+        assert row["seeds"] == [0, 1] and row["metrics"]["accuracy"]["mean"] >= 0
+        where = table_root(cfg) / "digits" / name
+        runs = sorted(p.parent.name for p in where.glob("*/results.json"))
+        # both candidates with seed 0; seed 1 only with the candidate that won on val
+        assert len(runs) == 3 and sum(r.endswith("seed0") for r in runs) == 2
+        winner = f"lr{row['lr']:g}-seed1"
+        assert winner in runs
+        val = {
+            lr: json.loads((where / f"lr{lr:g}-seed0" / "results.json").read_text())["history"][-1][
+                "val"
+            ]["accuracy"]
+            for lr in (1e-3, 3e-4)
+        }
+        assert val[row["lr"]] == max(val.values())
+        assert not (where / winner / "checkpoints").exists()
+    md = (table_root(cfg).parent / "accuracy.md").read_text()
+    assert "| mit | mit |" in md and "± " in md
+
+
+def table_root(cfg):
+    from pathlib import Path
+
+    return Path(cfg.output_dir) / "runs"
+
+
+def test_second_run_reuses_finished_cells(grid):
+    cfg, table = grid
+    results = sorted(table_root(cfg).glob("*/*/*/results.json"))
+    stamps = [p.stat().st_mtime_ns for p in results]
+    again = run_compare(cfg)
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+    assert again["rows"] == table["rows"]
+    assert report(cfg.output_dir)["rows"] == table["rows"]
+
+
+def test_compare_command_report_only_and_bad_paths(grid, capsys, tmp_path):
+    cfg, _ = grid
+    cli.main(["compare", "--output_dir", cfg.output_dir, "--report_only", "true"])
+    assert "| text | text |" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        CompareConfig(benchmarks=[str(tmp_path / "missing.yaml")])
