@@ -252,3 +252,38 @@ def test_task_token_pooling_trains_and_is_saved(assets, tmp_path):
         model.task_token.embedding.add_(1.0)
         after = model.text_vector(batch, torch.zeros(2, model.llm.mit_config.d_modality))
     assert (before - after).abs().max() > 1e-3  # the pooled vector is read at the task token
+
+
+@pytest.mark.parametrize(
+    ("method", "data"),
+    [
+        ("concat_lora", "digits-ve"),
+        ("concat_ia3", "shapes-ref"),
+        ("concat", "movie-sentiment"),
+        ("text", "digits-ve"),
+    ],
+)
+def test_baselines_train_and_reload_through_the_same_path(assets, tmp_path, method, data):
+    """Each baseline trains, saves only its own tensors, and `mmtune eval` rebuilds the run."""
+    from safetensors.torch import load_file
+
+    from mmtune.evaluate import evaluate_run
+
+    run = tmp_path / method
+    results = train(_config(assets, data, run, epochs=1, method=method), progress=False)
+    assert results["config"]["method"] == method
+    saved = load_file(str(run / "final" / "trainable.safetensors"))
+    keys = set(saved)
+    assert not any("infusion" in k for k in keys)  # no MiT tensors in a baseline
+    if method.startswith("concat"):
+        assert any(k.startswith("projector.") for k in keys)
+    if method == "concat_lora":
+        assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
+    if method == "concat_ia3":
+        assert any("ia3_l" in k for k in keys)
+    if method == "text":  # only the head trains; the whole frozen LLM's output is cached
+        assert all(k.startswith("head.") for k in keys)
+        assert results["lower_layer_cache"]["first_infused_layer"] == 5  # N + 1
+    headline = next(iter(results["headline"]))
+    again = evaluate_run(run, "test")
+    assert again["metrics"][headline] == pytest.approx(results["metrics"][headline], abs=1e-6)

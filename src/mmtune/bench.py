@@ -492,6 +492,7 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
         for row_i, (key, label) in enumerate(metrics):
             ax = axes[row_i][col]
             for method in result["config"]["methods"]:
+                color = f"C{BENCH_METHODS.index(method)}"  # one colour per method in every panel
                 pts = [r for r in rows if r["method"] == method and r["text_length"] == t]
                 pts = [r for r in pts if key in r]
                 if not pts:
@@ -499,10 +500,12 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
                 if method.startswith("concat"):
                     xs = [r["image_tokens"] for r in pts]
                     ys = [r[key] * scale.get(key, 1) for r in pts]
-                    ax.plot(xs, ys, marker="o", label=method)
+                    ax.plot(xs, ys, marker="o", label=method, color=color)
                 else:  # image tokens never enter the LLM: flat
                     y = pts[0][key] * scale.get(key, 1)
-                    ax.plot([counts[0], counts[-1]], [y, y], linestyle="--", label=method)
+                    ax.plot(
+                        [counts[0], counts[-1]], [y, y], linestyle="--", label=method, color=color
+                    )
             ax.set_xlabel("image tokens")
             ax.set_ylabel(label)
             ax.set_yscale("log")

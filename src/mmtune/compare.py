@@ -172,6 +172,9 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] | None = None) ->
     def choose(b: str, v: str) -> bool:
         if (b, v) in chosen:
             return True
+        if len(lrs) == 1:  # nothing to choose
+            chosen[(b, v)] = lrs[0]
+            return True
         scored = []
         for lr in lrs:
             res = _results(Cell(b, v, cfg.seeds[0], lr).directory(root))

@@ -21,6 +21,7 @@ from mmtune.encoders.sequence import SequenceEncoderConfig
 from mmtune.encoders.vision import load_vision_encoder
 from mmtune.heads import SegmentationDecoderConfig
 from mmtune.methods.base import atomic_write
+from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
 from mmtune.models.llm import load_llm
 from mmtune.pipeline import TaskConfig, TaskModel, collate
@@ -51,6 +52,8 @@ def load_config(run: str | Path) -> TrainConfig:
             "task": TaskConfig(**raw["task"]),
             "model": ModelConfig(**model),
             "mit": MiTConfig(**raw["mit"]),
+            "concat": ConcatConfig(**raw.get("concat", {})),
+            "peft": PeftAdapterConfig(**raw.get("peft", {})),
             "optim": OptimConfig(**raw["optim"]),
         }
     )
@@ -126,7 +129,7 @@ def predict(
             if m not in data:
                 raise ValueError(f"{frames}: no array {m!r} (has {list(data)})")
             item[m], item[f"{m}_length"] = data[m].astype(np.float32), len(data[m])
-    elif model.frames is not None:
+    elif model.frames is not None or (task == "sentiment" and model.projector is not None):
         raise ValueError(f"this run reads {model.config.modalities} frames: pass --frames FILE.npz")
     batch = collate([item], task, spec.get("pixel_size"))
     output = model(batch)
