@@ -13,6 +13,13 @@ from mmtune.encoders import (
     register_vision_encoder,
 )
 from mmtune.methods.base import ParameterCount, count_parameters
+from mmtune.methods.concat import (
+    ConcatConfig,
+    PeftAdapterConfig,
+    TokenProjector,
+    image_tokens,
+    inject_peft,
+)
 from mmtune.methods.mit import MiTConfig, MiTLayer, MiTModel, inject_mit, paper_layers
 from mmtune.models.architectures import (
     ArchitectureSpec,
@@ -24,6 +31,7 @@ from mmtune.models.llm import load_llm
 
 __all__ = [
     "ArchitectureSpec",
+    "ConcatConfig",
     "FeatureCache",
     "ImagePreprocess",
     "MiTConfig",
@@ -31,14 +39,18 @@ __all__ = [
     "MiTModel",
     "MultiModalSequenceEncoder",
     "ParameterCount",
+    "PeftAdapterConfig",
     "SequenceEncoder",
     "SequenceEncoderConfig",
+    "TokenProjector",
     "VisionEncoder",
     "VisionFeatures",
     "__version__",
     "count_parameters",
     "encode_images",
+    "image_tokens",
     "inject_mit",
+    "inject_peft",
     "load_llm",
     "load_vision_encoder",
     "paper_layers",

@@ -14,7 +14,8 @@ never looked at. With one candidate there is nothing to choose.
 A variant that sets ``task.modalities`` applies to sentiment benchmarks only (T / T+A / T+F).
 The report (``accuracy.json``, ``accuracy.md``) gives, per benchmark and variant, the mean and
 standard deviation (ddof 1) over the seeds that finished, the seed count, the training seconds
-and the trainable parameters.
+(epochs plus the one-off fill of the lower-layer cache, which covers every split) and the
+trainable parameters.
 """
 
 from __future__ import annotations
@@ -232,6 +233,12 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] | None = None) ->
     return table
 
 
+def _train_seconds(results: dict[str, Any]) -> float:
+    """Epoch time plus the one-off fill of the lower-layer cache (it is part of training)."""
+    cache = results.get("lower_layer_cache") or {}
+    return results["train_seconds"] + cache.get("seconds_to_fill", 0.0)
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -262,7 +269,7 @@ def report(root: Path | str) -> dict[str, Any]:
                 "seeds": sorted(r["config"]["seed"] for r in runs),
                 "headline": next(iter(runs[0]["headline"])),
                 "metrics": {m: _mean_std([r["metrics"][m] for r in runs]) for m in metrics},
-                "train_seconds": _mean_std([r["train_seconds"] for r in runs]),
+                "train_seconds": _mean_std([_train_seconds(r) for r in runs]),
                 "wall_seconds": _mean_std([r["wall_seconds"] for r in runs]),
                 "trainable_parameters": runs[0]["parameters"]["trainable"],
                 "test_samples": runs[0]["metrics"]["num_samples"],
@@ -285,10 +292,41 @@ def _fmt(stat: dict[str, float], digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def summary(rows: list[dict[str, Any]]) -> str:
+    """One table, a column per benchmark: headline mean ± std (seeds), mean training seconds."""
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    cell = {(r["benchmark"], r["variant"]): r for r in rows}
+    heads = {b: next(r["headline"] for r in rows if r["benchmark"] == b) for b in benchmarks}
+    out = [
+        "| variant | "
+        + " | ".join(
+            f"{b} {heads[b]}{' (lower is better)' if heads[b] in LOWER_IS_BETTER else ''} | train s"
+            for b in benchmarks
+        )
+        + " |",
+        "|---|" + "---|---|" * len(benchmarks),
+    ]
+    for v in variants:
+        parts = []
+        for b in benchmarks:
+            r = cell.get((b, v))
+            if r is None:
+                parts += ["-", "-"]
+            else:
+                seeds = f" ({len(r['seeds'])} seed{'s' if len(r['seeds']) > 1 else ''})"
+                parts += [
+                    _fmt(r["metrics"][heads[b]]) + seeds,
+                    f"{r['train_seconds']['mean']:.0f}",
+                ]
+        out.append(f"| {v} | " + " | ".join(parts) + " |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """One table per benchmark: headline and second metric, mean ± std over seeds."""
+    """A summary, then one table per benchmark: headline and second metric, mean ± std."""
     second = {"accuracy": "f1_macro", "oIoU": "mIoU", "mae": "corr"}
-    out = []
+    out = [summary(rows)] if rows else []
     for benchmark in dict.fromkeys(r["benchmark"] for r in rows):
         part = [r for r in rows if r["benchmark"] == benchmark]
         head = part[0]["headline"]

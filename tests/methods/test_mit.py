@@ -556,3 +556,13 @@ def test_bf16_base_model_keeps_fp32_adapter_and_identity_at_init():
     assert all(
         p.grad is not None and p.grad.dtype == torch.float32 for p in mit.infusion.parameters()
     )
+
+
+def test_layer_sets_written_for_another_depth_scale_to_the_model():
+    """The paper's Table 5 sets (for 32 layers) on other depths: round(l * N / 32), >= 1."""
+    assert MiTConfig(layers="13,17,21,25,29,32/32").resolve_layers(32) == [13, 17, 21, 25, 29, 32]
+    assert MiTConfig(layers="1,9,17,25,32/32").resolve_layers(30) == [1, 8, 16, 23, 30]
+    assert MiTConfig(layers="21,25,29,32/32").resolve_layers(4) == [3, 4]  # merged, not repeated
+    for bad in ("1,9/0", "1,40/32", "a,b/32", "1,9,17", "last"):
+        with pytest.raises(ValueError, match=r"MiTConfig\.layers"):
+            MiTConfig(layers=bad)
