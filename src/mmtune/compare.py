@@ -40,6 +40,8 @@ from mmtune.methods.base import atomic_write
 __all__ = ["Cell", "CompareConfig", "plan", "report", "run_compare"]
 
 LOWER_IS_BETTER = {"mae", "rmse"}
+# report order: the methods, then ablations by name
+ORDER = ("text", "concat", "concat-lora", "concat-ia3", "mit")
 
 
 @dataclass
@@ -233,6 +235,10 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] | None = None) ->
     return table
 
 
+def _rank(variant: str) -> tuple[int, str]:
+    return (ORDER.index(variant), "") if variant in ORDER else (len(ORDER), variant)
+
+
 def _train_seconds(results: dict[str, Any]) -> float:
     """Epoch time plus the one-off fill of the lower-layer cache (it is part of training)."""
     cache = results.get("lower_layer_cache") or {}
@@ -278,6 +284,7 @@ def report(root: Path | str) -> dict[str, Any]:
                 "conventions": runs[0]["conventions"],
             }
         )
+    rows.sort(key=lambda r: (r["benchmark"], _rank(r["variant"])))
     table = {"rows": rows, "root": str(root)}
     with atomic_write(root / "accuracy.json") as tmp:
         tmp.write_text(json.dumps(table, indent=2) + "\n")
@@ -295,7 +302,7 @@ def _fmt(stat: dict[str, float], digits: int = 3) -> str:
 def summary(rows: list[dict[str, Any]]) -> str:
     """One table, a column per benchmark: headline mean ± std (seeds), mean training seconds."""
     benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    variants = sorted(dict.fromkeys(r["variant"] for r in rows), key=_rank)
     cell = {(r["benchmark"], r["variant"]): r for r in rows}
     heads = {b: next(r["headline"] for r in rows if r["benchmark"] == b) for b in benchmarks}
     out = [
