@@ -165,8 +165,8 @@ class MiTConfig:
 def _scaled_layers(spec: str, num_layers: int) -> list[int]:
     """``"1,9,17,25,32/32"`` -> those layers of a 32-layer model scaled to ``num_layers``."""
     bad = ValueError(
-        f"MiTConfig.layers {spec!r}: expected 'paper', 'all', a list, or 'l1,l2,.../N' "
-        "(1-based layers of an N-layer model, scaled to this model's depth)"
+        f"MiTConfig.layers must be a list of 1-based layer numbers, 'paper' or 'all', or "
+        f"'l1,l2,.../N' (layers of an N-layer model, scaled to this model's depth); got {spec!r}"
     )
     layers_part, sep, depth_part = spec.partition("/")
     try:
