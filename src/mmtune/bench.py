@@ -251,21 +251,12 @@ class _Bench(nn.Module):
 
     def lower_states(self, embeds: torch.Tensor) -> torch.Tensor:
         """Hidden states entering the first infused layer (what the lower-layer cache keeps)."""
-        from mmtune.pipeline import _layer_slice
+        from mmtune.pipeline import states_entering
 
         if self.first_layer == 1:  # nothing below the first infused layer
             return embeds.detach()
-        captured: list[torch.Tensor] = []
-        last = self.decoder.layers[self.first_layer - 2]
-        handle = last.register_forward_hook(
-            lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
-        )
-        try:
-            with torch.no_grad(), _layer_slice(self.decoder, 0, self.first_layer - 1):
-                self.decoder(inputs_embeds=embeds)
-        finally:
-            handle.remove()
-        return captured[-1]
+        with torch.no_grad():
+            return states_entering(self.decoder, self.first_layer, inputs_embeds=embeds)
 
     def forward(self, embeds: torch.Tensor, vector: torch.Tensor, upper_only: bool = False):
         from mmtune.pipeline import _layer_slice

@@ -122,14 +122,6 @@ def _applies(benchmark: str, variant: str) -> bool:
     return not sets_modalities or data == "movie-sentiment" or "mos" in str(data).lower()
 
 
-def _config_lr(benchmark: str, variant: str) -> float:
-    for path in (variant, benchmark):
-        lr = (_read_yaml(path).get("optim") or {}).get("lr")
-        if lr is not None:
-            return float(lr)
-    return 4e-5  # OptimConfig's default
-
-
 def plan(cfg: CompareConfig) -> list[tuple[str, str]]:
     """(benchmark, variant) pairs in run order (variant-major within each seed)."""
     return [(b, v) for v in cfg.variants for b in cfg.benchmarks if _applies(b, v)]

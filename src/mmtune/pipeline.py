@@ -122,6 +122,21 @@ def _layer_slice(decoder: nn.Module, start: int, stop: int | None) -> Iterator[N
         decoder.layers = full
 
 
+def states_entering(decoder: nn.Module, first_layer: int, **inputs: Any) -> torch.Tensor:
+    """Hidden states (B, T, d) entering 1-based layer ``first_layer`` (it must be >= 2): the
+    output of the layer below it, running only ``layers[: first_layer - 1]``."""
+    captured: list[torch.Tensor] = []
+    handle = decoder.layers[first_layer - 2].register_forward_hook(
+        lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with _layer_slice(decoder, 0, first_layer - 1):
+            decoder(**inputs)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 class TaskModel(nn.Module):
     """Everything that turns a batch into predictions and a loss."""
 
@@ -258,26 +273,17 @@ class TaskModel(nn.Module):
         """Compute the states entering the first infused layer for every sample, in order."""
         cache = self.lower_cache
         assert cache is not None
-        start = cache.first_layer - 1  # layers below it, 0-based: [0, start)
-        captured: list[torch.Tensor] = []
-        last = self.decoder_backbone.layers[start - 1]
-        handle = last.register_forward_hook(
-            lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out)
-        )
-        try:
-            for batch in batches:
-                enc = self.tokenize(self.prompts(batch))
-                captured.clear()
-                with _layer_slice(self.decoder_backbone, 0, start):
-                    self.decoder_backbone(
-                        **enc, position_ids=position_ids_from_mask(enc["attention_mask"])
-                    )
-                hidden = captured[-1]  # (B, T, d), left-padded
-                for row, sid in enumerate(batch["id"]):
-                    keep = enc["attention_mask"][row].bool()
-                    cache.states[sid] = hidden[row, keep].detach().cpu()  # (T_i, d)
-        finally:
-            handle.remove()
+        for batch in batches:
+            enc = self.tokenize(self.prompts(batch))
+            hidden = states_entering(  # (B, T, d), left-padded
+                self.decoder_backbone,
+                cache.first_layer,
+                **enc,
+                position_ids=position_ids_from_mask(enc["attention_mask"]),
+            )
+            for row, sid in enumerate(batch["id"]):
+                keep = enc["attention_mask"][row].bool()
+                cache.states[sid] = hidden[row, keep].detach().cpu()  # (T_i, d)
 
     def text_vector(self, batch: dict[str, Any], modality: torch.Tensor | None) -> torch.Tensor:
         """The pooled hidden state (B, d) of the (infused) prompts."""
