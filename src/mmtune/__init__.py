@@ -21,6 +21,14 @@ from mmtune.methods.concat import (
     inject_peft,
 )
 from mmtune.methods.mit import MiTConfig, MiTLayer, MiTModel, inject_mit, paper_layers
+from mmtune.methods.mrt import (
+    LoReFTEdit,
+    MRTConfig,
+    MRTControl,
+    MRTModel,
+    inject_mrt,
+    load_mrt,
+)
 from mmtune.models.architectures import (
     ArchitectureSpec,
     register_architecture,
@@ -28,12 +36,20 @@ from mmtune.models.architectures import (
 )
 from mmtune.models.cache import FeatureCache
 from mmtune.models.llm import load_llm
+from mmtune.models.lmm import LlavaStyleModel, LMMBatch, LMMConfig, build_lmm, load_lmm
 
 __all__ = [
     "ArchitectureSpec",
     "ConcatConfig",
     "FeatureCache",
     "ImagePreprocess",
+    "LMMBatch",
+    "LMMConfig",
+    "LlavaStyleModel",
+    "LoReFTEdit",
+    "MRTConfig",
+    "MRTControl",
+    "MRTModel",
     "MiTConfig",
     "MiTLayer",
     "MiTModel",
@@ -46,12 +62,16 @@ __all__ = [
     "VisionEncoder",
     "VisionFeatures",
     "__version__",
+    "build_lmm",
     "count_parameters",
     "encode_images",
     "image_tokens",
     "inject_mit",
+    "inject_mrt",
     "inject_peft",
     "load_llm",
+    "load_lmm",
+    "load_mrt",
     "load_vision_encoder",
     "paper_layers",
     "register_architecture",

@@ -16,9 +16,12 @@ from mmtune._version import __version__
 from mmtune.bench import BENCH_METHODS, BenchConfig
 from mmtune.compare import CompareConfig
 from mmtune.demo import SmokeDemoConfig, run_smoke_demo
+from mmtune.instruct import Method as InstructMethod
 from mmtune.methods.base import atomic_write
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
+from mmtune.methods.mrt import MRTConfig
+from mmtune.models.lmm import LMMConfig
 from mmtune.pipeline import TaskConfig
 from mmtune.train import Method, ModelConfig, OptimConfig, TrainConfig
 
@@ -443,6 +446,231 @@ def compare(
     print(Path(output_dir, "accuracy.md").read_text())
 
 
+# ----------------------------------------------------------------------------- LLaVA-style + MRT
+
+_VISION_SHAPES = {  # CLIP ViT-L/14-336: LLaVA-1.5's tower (24 layers, width 1024, 577 tokens)
+    "clip-vit-l-14-336": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+    },
+}
+
+
+def lmm_stage1(
+    lmm: LMMConfig = LMMConfig(),  # noqa: B008
+    benchmarks: list[str] = ["digits", "shapes"],  # noqa: B006
+    num_samples: int = 400,
+    epochs: int = 1,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    seed: int = 0,
+    output_dir: Path = Path("runs/lmm/stage1"),
+    threads: int | None = None,
+    quiet: bool = False,
+) -> None:
+    """Stage 1: train only the projector on captions of the VQA benchmarks' train images.
+
+    The arguments are the fields of mmtune.instruct.Stage1Config, plus quiet.
+    """
+    from mmtune.instruct import Stage1Config, stage1
+
+    cfg = Stage1Config(
+        lmm, benchmarks, num_samples, epochs, batch_size, lr, seed, output_dir, threads
+    )
+    r = stage1(cfg, progress=None if quiet else _step_printer())
+    print(
+        f"stage 1: {r['captions']} captions, loss {r['loss_first']:.3f} -> "
+        f"{r['loss_last_10']:.3f} (last 10 steps), {r['train_seconds']:.0f} s; "
+        f"projector in {output_dir}"
+    )
+
+
+def _step_printer():
+    def show(step: int, steps: int, loss: float) -> None:
+        if step == 1 or step % 10 == 0 or step == steps:
+            print(f"  step {step}/{steps} loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def lmm_tune(
+    benchmark: str = "digits",
+    method: InstructMethod = "mrt",
+    base: Path = Path("runs/lmm/stage1"),
+    mrt: MRTConfig = MRTConfig(),  # noqa: B008
+    peft: PeftAdapterConfig = PeftAdapterConfig(),  # noqa: B008
+    num_samples: int = 400,
+    epochs: int = 2,
+    batch_size: int = 8,
+    lr: float | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 6,
+    eval_batch_size: int = 16,
+    output_dir: Path = Path("runs/lmm/tune"),
+    save_adapter: bool = True,
+    threads: int | None = None,
+    quiet: bool = False,
+) -> None:
+    """Instruction-tune a stage-1 model on a VQA mini-benchmark (mrt, projector, lora, zero-shot).
+
+    The arguments are the fields of mmtune.instruct.TuneConfig, plus quiet.
+    """
+    from mmtune.instruct import TuneConfig, tune
+
+    cfg = TuneConfig(
+        benchmark,
+        method,
+        base,
+        mrt,
+        peft,
+        num_samples,
+        epochs,
+        batch_size,
+        lr,
+        seed,
+        max_new_tokens,
+        eval_batch_size,
+        output_dir,
+        save_adapter,
+        threads,
+    )
+    r = tune(cfg, progress=None if quiet else _step_printer())
+    p = r["params"]
+    print(
+        f"{benchmark} / {method}: test exact match {r['test']['exact_match']:.3f} "
+        f"(n = {r['test']['num_samples']}), val {r['val']['exact_match']:.3f}; "
+        f"trainable {p['trainable']:,} of {p['total']:,} ({100 * p['share']:.4f}%); "
+        f"train {r['train_seconds']:.0f} s; results in {output_dir}/results.json"
+    )
+
+
+def lmm_table(
+    base: Path = Path("benchmarks/results/vqa/stage1"),
+    stage1_settings: dict | None = None,
+    benchmarks: list[str] = ["digits", "shapes"],  # noqa: B006
+    methods: list[str] = ["zero-shot", "projector", "lora", "mrt"],  # noqa: B006
+    seeds: list[int] = [0, 1, 2],  # noqa: B006
+    epochs: int = 2,
+    num_samples: int = 400,
+    batch_size: int = 8,
+    mrt: MRTConfig = MRTConfig(),  # noqa: B008
+    output_dir: Path = Path("benchmarks/results/vqa"),
+    threads: int | None = None,
+    report_only: bool = False,
+) -> None:
+    """The VQA table: methods x benchmarks x seeds (resumable), then vqa.json / vqa.md.
+
+    The arguments are the fields of mmtune.instruct.TableConfig (stage1_settings: fields of
+    Stage1Config used when base does not exist), plus report_only.
+    """
+    from mmtune.instruct import Stage1Config, TableConfig, table_report, vqa_table
+
+    if report_only:
+        table_report(output_dir)
+    else:
+        cfg = TableConfig(
+            base,
+            Stage1Config(**(stage1_settings or {})),
+            benchmarks,
+            methods,
+            seeds,
+            epochs,
+            num_samples,
+            batch_size,
+            mrt,
+            output_dir,
+            threads,
+        )
+        vqa_table(cfg, log=lambda line: print(line, flush=True))
+    print(Path(output_dir, "vqa.md").read_text())
+
+
+def lmm_generate(
+    prompt: str | None = None,
+    image: list[Path] | None = None,
+    item: str | None = None,
+    adapter: Path | None = None,
+    base: Path | None = None,
+    scale: float = 1.0,
+    edit_scales: dict[str, float] | None = None,
+    first: int | None = None,
+    last: int | None = None,
+    positions: list[int] | None = None,
+    visual_tokens: list[int] | None = None,
+    max_new_tokens: int = 16,
+) -> None:
+    """Answer a prompt about images with an MRT adapter (or a stage-1 base), under control.
+
+    Args:
+        prompt: text with one <image> per image (default with --item: its question).
+        image: image files, in the order of the <image> placeholders.
+        item: a VQA mini-benchmark item instead of files: BENCHMARK:SPLIT:INDEX (digits:test:0).
+        adapter: MRT adapter directory (its stage-1 base is found from it).
+        base: stage-1 directory, for the model without edits.
+        scale: multiplies every edit (0 = the base model, 1 = as trained).
+        edit_scales: per-edit scales by name, e.g. '{"projector": 0, "llm.28": 2}'.
+        first: edit the first FIRST prompt tokens in the LLM (overrides the trained p).
+        last: edit the last LAST prompt tokens (overrides the trained s).
+        positions: explicit prompt-relative positions to edit (negative: from the end).
+        visual_tokens: visual tokens edited by the vision/projector edits (default all).
+        max_new_tokens: greedy tokens to generate.
+    """
+    from mmtune.data.vqa import VQA_BENCHMARKS
+    from mmtune.instruct import answer, load_for_generation
+    from mmtune.methods.mrt import MRTControl
+
+    images: list = [str(p) for p in image or []]
+    if item is not None:
+        parts = item.split(":")
+        if len(parts) != 3 or parts[0] not in VQA_BENCHMARKS or not parts[2].isdigit():
+            raise ValueError(
+                f"--item {item!r}: expected BENCHMARK:SPLIT:INDEX with BENCHMARK in "
+                f"{sorted(VQA_BENCHMARKS)} (e.g. digits:test:0)"
+            )
+        data = VQA_BENCHMARKS[parts[0]]()
+        if parts[1] not in data or int(parts[2]) >= len(data[parts[1]]):
+            raise ValueError(f"--item {item!r}: no such split or index")
+        chosen = data[parts[1]][int(parts[2])]
+        images.append(chosen["image"])
+        prompt = prompt or f"<image>\n{chosen['question']}"
+        print(f"item {chosen['id']}: reference answer {chosen['answer']!r}")
+    if prompt is None:
+        raise ValueError("give --prompt (with one <image> per --image) or --item")
+    model = load_for_generation(adapter, base)
+    control = None
+    if adapter is not None:
+        control = MRTControl(
+            scale=scale,
+            edit_scales=edit_scales or {},
+            first=first,
+            last=last,
+            positions=positions,
+            visual_tokens=visual_tokens,
+        )
+    print(answer(model, prompt, images, control=control, max_new_tokens=max_new_tokens))
+
+
+def lmm_params(
+    llm: str = "llama-2-7b",
+    vision: str = "clip-vit-l-14-336",
+    mrt: MRTConfig = MRTConfig(),  # noqa: B008
+) -> None:
+    """MRT's tunable share on a LLaVA-style model shape, counted on the meta device.
+
+    Args:
+        llm: a named LLM shape (llama-2-7b, llama-2-13b, smollm2-135m) or a model directory.
+        vision: clip-vit-l-14-336 (LLaVA-1.5's tower) or mobilenet-v2 (the embedded one).
+        mrt: the MRT config.
+    """
+    from mmtune.instruct import mrt_share
+
+    print(json.dumps(mrt_share(llm, vision, mrt, _VISION_SHAPES), indent=2))
+
+
 def version() -> None:
     """Print the mmtune version."""
     print(__version__)
@@ -466,6 +694,13 @@ def main(argv: list[str] | None = None) -> None:
                 "predict": predict,
                 "bench": bench,
                 "compare": compare,
+                "lmm": {
+                    "stage1": lmm_stage1,
+                    "tune": lmm_tune,
+                    "table": lmm_table,
+                    "generate": lmm_generate,
+                    "params": lmm_params,
+                },
                 "version": version,
             },
             args=argv,

@@ -106,7 +106,9 @@ def _expressions(objects: list[dict[str, Any]], t: int) -> list[str]:
     return out
 
 
-def _scene(rng: np.random.Generator, size: int) -> dict[str, Any] | None:
+def _scene(
+    rng: np.random.Generator, size: int, with_objects: bool = False
+) -> dict[str, Any] | None:
     n = int(rng.integers(2, 6))
     objects: list[dict[str, Any]] = []
     occupied = np.zeros((size, size), bool)
@@ -135,12 +137,15 @@ def _scene(rng: np.random.Generator, size: int) -> dict[str, Any] | None:
     image += rng.normal(0, 6, size=image.shape)  # paper texture
     for o in objects:
         image[o["mask"]] = np.array(COLOURS[o["colour"]]) + rng.normal(0, 8, 3)
-    return {
+    scene = {
         "image": np.clip(image, 0, 255).astype(np.uint8),
         "mask": objects[t]["mask"],
         "expression": expression,
         "num_objects": len(objects),
     }
+    if with_objects:  # attributes only (no masks), for the VQA questions and captions
+        scene["objects"] = [{k: o[k] for k in ("shape", "colour", "big", "cx")} for o in objects]
+    return scene
 
 
 def shapes_ref(

@@ -1,0 +1,600 @@
+"""Stage-1 projector training, instruction tuning (MRT and baselines) and the VQA table.
+
+- :func:`stage1`: the LLaVA-style model's projector alone learns to caption the train images of
+  the VQA mini-benchmarks (next-token loss on the caption); everything else stays frozen.
+- :func:`tune`: instruction tuning on one VQA mini-benchmark with next-token loss on the answer.
+  ``method``: ``mrt`` (representation edits), ``projector`` (the projector alone, continued from
+  stage 1), ``lora`` (PEFT LoRA on the LLM) or ``zero-shot`` (the stage-1 model, no tuning).
+  Test exact match is scored on greedy generations.
+- :func:`vqa_table`: every method x benchmark x seed, resumable, written to
+  ``benchmarks/results/vqa``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from mmtune.data.vqa import VQA_BENCHMARKS, exact_match
+from mmtune.methods.base import atomic_write, count_parameters, write_adapter
+from mmtune.methods.concat import PeftAdapterConfig, inject_peft
+from mmtune.methods.mrt import MRTConfig, MRTControl, MRTModel, load_mrt, mrt_trainable
+from mmtune.models.lmm import LlavaStyleModel, LMMConfig, build_lmm, load_lmm
+
+__all__ = [
+    "Stage1Config",
+    "TableConfig",
+    "TuneConfig",
+    "answer",
+    "predict",
+    "stage1",
+    "tune",
+    "vqa_table",
+]
+
+Method = Literal["mrt", "projector", "lora", "zero-shot"]
+METHODS: tuple[str, ...] = ("zero-shot", "projector", "lora", "mrt")
+DEFAULT_LR = {"mrt": 2e-3, "projector": 1e-3, "lora": 1e-3, "zero-shot": 0.0}
+CAPTION_PROMPT = "<image>\nDescribe the image."
+
+
+def _prompt(item: dict[str, Any]) -> str:
+    return f"<image>\n{item['question']}"
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: train only the projector on captions of the benchmarks' train images."""
+
+    lmm: LMMConfig = field(default_factory=LMMConfig)
+    """The LLaVA-style model (LLM, vision encoder, projector kind, system prompt)."""
+    benchmarks: list[str] = field(default_factory=lambda: ["digits", "shapes"])
+    """VQA mini-benchmarks whose train images are captioned."""
+    num_samples: int = 400
+    """Items per benchmark (train / val / test = 60 / 15 / 25 %)."""
+    epochs: int = 1
+    """Passes over the captions."""
+    batch_size: int = 8
+    """Samples per step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    seed: int = 0
+    """Initialisation and order."""
+    output_dir: Path = Path("runs/lmm/stage1")
+    """Where the projector (an ``lmm-projector`` directory) and results.json go."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check_benchmarks(self.benchmarks, "Stage1Config.benchmarks")
+        for name in ("num_samples", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Stage1Config.{name} must be >= 1")
+        self.output_dir = Path(self.output_dir)
+
+
+@dataclass
+class TuneConfig:
+    """Instruction tuning of a stage-1 model on one VQA mini-benchmark."""
+
+    benchmark: str = "digits"
+    """``digits`` ("Which digit is shown?") or ``shapes`` ("What colour is the square?")."""
+    method: Method = "mrt"
+    """``mrt``, ``projector``, ``lora`` or ``zero-shot``."""
+    base: Path = Path("runs/lmm/stage1")
+    """Stage-1 directory (the frozen base model)."""
+    mrt: MRTConfig = field(default_factory=MRTConfig)
+    """MRT edits (method ``mrt``)."""
+    peft: PeftAdapterConfig = field(default_factory=PeftAdapterConfig)
+    """LoRA (method ``lora``)."""
+    num_samples: int = 400
+    """Items of the benchmark (train / val / test = 60 / 15 / 25 %)."""
+    epochs: int = 2
+    """Passes over the train split."""
+    batch_size: int = 8
+    """Samples per step."""
+    lr: float | None = None
+    """AdamW learning rate (None: the method's default, see ``DEFAULT_LR``)."""
+    seed: int = 0
+    """Initialisation and order (the splits are fixed)."""
+    max_new_tokens: int = 6
+    """Greedy tokens generated per answer."""
+    eval_batch_size: int = 16
+    """Samples per generation batch."""
+    output_dir: Path = Path("runs/lmm/tune")
+    """results.json and the adapter go here."""
+    save_adapter: bool = True
+    """Write the trained tensors (``adapter/``)."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check_benchmarks([self.benchmark], "TuneConfig.benchmark")
+        if self.method not in METHODS:
+            raise ValueError(f"TuneConfig.method must be one of {METHODS}, got {self.method!r}")
+        for name in ("num_samples", "epochs", "batch_size", "max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TuneConfig.{name} must be >= 1")
+        self.base, self.output_dir = Path(self.base), Path(self.output_dir)
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.method] if self.lr is None else self.lr
+
+
+def _check_benchmarks(names: list[str], where: str) -> None:
+    bad = [n for n in names if n not in VQA_BENCHMARKS]
+    if bad or not names:
+        raise ValueError(f"{where}: {bad or names} not among {sorted(VQA_BENCHMARKS)}")
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def _pixels(model: LlavaStyleModel, items: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """Each item's preprocessed image (1, 3, S, S), computed once."""
+    return [model.tower.preprocess([it["image"]]) for it in items]
+
+
+def _batches(n: int, size: int, rng: random.Random | None) -> list[list[int]]:
+    order = list(range(n))
+    if rng is not None:
+        rng.shuffle(order)
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+def fit(
+    model: LlavaStyleModel | MRTModel,
+    items: list[dict[str, Any]],
+    pixels: list[torch.Tensor],
+    *,
+    prompt: Callable[[dict[str, Any]], str],
+    target: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """AdamW (no weight decay) on the trainable tensors; next-token loss on ``item[target]``."""
+    base = model.base if isinstance(model, MRTModel) else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    steps = epochs * len(_batches(len(items), batch_size, None))
+    for _epoch in range(epochs):
+        for idx in _batches(len(items), batch_size, rng):
+            batch = base.batch(
+                [prompt(items[i]) for i in idx],
+                [None] * len(idx),
+                answers=[items[i][target] for i in idx],
+                pixel_values=[pixels[i] for i in idx],
+            ).to(base.device)
+            loss = model.loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {len(losses)}")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if on_step:
+                on_step(len(losses), steps, losses[-1])
+    model.eval()
+    return {"losses": losses, "train_seconds": time.perf_counter() - start, "steps": len(losses)}
+
+
+@torch.no_grad()
+def predict(
+    model: LlavaStyleModel | MRTModel,
+    prompts: list[str],
+    pixels: list[torch.Tensor],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 6,
+) -> list[str]:
+    """Greedy answers, batch by batch (left-padded; equal to one-by-one generation)."""
+    base = model.base if isinstance(model, MRTModel) else model
+    model.eval()
+    out: list[str] = []
+    for idx in _batches(len(prompts), batch_size, None):
+        batch = base.batch(
+            [prompts[i] for i in idx], [None] * len(idx), pixel_values=[pixels[i] for i in idx]
+        ).to(base.device)
+        tokens, _ = model.generate(batch, max_new_tokens)
+        out += base.decode(tokens)
+    return out
+
+
+def answer(
+    model: LlavaStyleModel | MRTModel,
+    prompt: str,
+    images: list[Any],
+    *,
+    control: MRTControl | None = None,
+    max_new_tokens: int = 16,
+) -> str:
+    """One prompt with its images -> the generated text (MRT: under ``control``)."""
+    base = model.base if isinstance(model, MRTModel) else model
+    if isinstance(model, MRTModel):
+        model.set_control(control)
+    elif control is not None:
+        raise ValueError("control applies to MRT models only (load one with --adapter)")
+    batch = base.batch([prompt], [images]).to(base.device)
+    with torch.no_grad():
+        tokens, _ = model.generate(batch, max_new_tokens)
+    return base.decode(tokens)[0]
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        torch.set_num_threads(n)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def stage1(
+    cfg: Stage1Config, progress: Callable[[int, int, float], None] | None = None
+) -> dict[str, Any]:
+    """Train the projector on captions; writes ``cfg.output_dir`` (loadable by ``load_lmm``)."""
+    _threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_lmm(cfg.lmm)
+    items = []
+    for name in cfg.benchmarks:
+        items += VQA_BENCHMARKS[name](num_samples=cfg.num_samples)["train"]
+    model.projector.requires_grad_(True)
+    pixels = _pixels(model, items)
+    log = fit(
+        model,
+        items,
+        pixels,
+        prompt=lambda _it: CAPTION_PROMPT,
+        target="caption",
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        on_step=progress,
+    )
+    model.projector.requires_grad_(False)
+    model.save_projector(cfg.output_dir)
+    results = {
+        "stage": 1,
+        "config": _jsonable(asdict(cfg)),
+        "captions": len(items),
+        "params": _params(model),
+        "train_seconds": log["train_seconds"],
+        "loss_first": log["losses"][0],
+        "loss_last_10": float(np.mean(log["losses"][-10:])),
+        "losses": log["losses"],
+    }
+    _write_json(cfg.output_dir / "results.json", results)
+    return results
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _params(model: torch.nn.Module) -> dict[str, Any]:
+    c = count_parameters(model)
+    return {"trainable": c.trainable, "total": c.total, "share": c.share}
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def _tunable(cfg: TuneConfig, base: LlavaStyleModel) -> LlavaStyleModel | MRTModel:
+    if cfg.method == "mrt":
+        return MRTModel(base, cfg.mrt)
+    if cfg.method == "projector":
+        base.projector.requires_grad_(True)
+    elif cfg.method == "lora":
+        inject_peft(base.llm, "lora", cfg.peft)
+    return base
+
+
+def _save(cfg: TuneConfig, model: LlavaStyleModel | MRTModel) -> None:
+    out = cfg.output_dir / "adapter"
+    if isinstance(model, MRTModel):
+        model.save_adapter(out, base_dir=cfg.base)
+    elif cfg.method == "projector":
+        model.save_projector(out)
+    elif cfg.method == "lora":
+        tensors = {k: v for k, v in model.llm.state_dict().items() if "lora_" in k}
+        write_adapter(
+            out,
+            method="lmm-lora",
+            tensors=tensors,
+            config={"peft": asdict(cfg.peft), "base_dir": str(cfg.base.resolve())},
+            base_model=model.llm,
+        )
+
+
+def tune(
+    cfg: TuneConfig, progress: Callable[[int, int, float], None] | None = None
+) -> dict[str, Any]:
+    """Instruction-tune (or, for ``zero-shot``, only evaluate) and write results.json."""
+    _threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    base = load_lmm(cfg.base)
+    model = _tunable(cfg, base)
+    data = VQA_BENCHMARKS[cfg.benchmark](num_samples=cfg.num_samples)
+    pixels = {k: _pixels(base, v) for k, v in data.items()}
+    log: dict[str, Any] = {"train_seconds": 0.0, "losses": [], "steps": 0}
+    if cfg.method != "zero-shot":
+        log = fit(
+            model,
+            data["train"],
+            pixels["train"],
+            prompt=_prompt,
+            target="answer",
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.learning_rate,
+            seed=cfg.seed,
+            on_step=progress,
+        )
+    scores, examples = {}, []
+    for split in ("val", "test"):
+        items = data[split]
+        start = time.perf_counter()
+        preds = predict(
+            model,
+            [_prompt(it) for it in items],
+            pixels[split],
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        scores[split] = {
+            "exact_match": exact_match(preds, [it["answer"] for it in items]),
+            "num_samples": len(items),
+            "seconds": time.perf_counter() - start,
+        }
+        if split == "test":
+            examples = [
+                {"id": it["id"], "answer": it["answer"], "prediction": p}
+                for it, p in zip(items[:8], preds[:8], strict=True)
+            ]
+    if cfg.save_adapter and cfg.method != "zero-shot":
+        _save(cfg, model)
+    results = {
+        "benchmark": cfg.benchmark,
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "lr": cfg.learning_rate if cfg.method != "zero-shot" else None,
+        "config": _jsonable(asdict(cfg)),
+        "params": _params(model),
+        "train_seconds": log["train_seconds"],
+        "steps": log["steps"],
+        "losses": log["losses"],
+        "val": scores["val"],
+        "test": scores["test"],
+        "examples": examples,
+        "metric": "exact match after lower-casing, removing punctuation, collapsing spaces",
+    }
+    _write_json(cfg.output_dir / "results.json", results)
+    return results
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass
+class TableConfig:
+    """The VQA table: methods x benchmarks x seeds on one stage-1 base."""
+
+    base: Path = Path("runs/lmm/stage1")
+    """Stage-1 directory (built with ``stage1`` settings below when missing)."""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    """How the base is built when ``base`` does not exist yet."""
+    benchmarks: list[str] = field(default_factory=lambda: ["digits", "shapes"])
+    """VQA mini-benchmarks."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Methods (zero-shot is evaluated once: it has no seed)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds of the tuned methods."""
+    epochs: int = 2
+    """Passes over each train split (every method)."""
+    num_samples: int = 400
+    """Items per benchmark."""
+    batch_size: int = 8
+    """Samples per step (every method)."""
+    mrt: MRTConfig = field(default_factory=MRTConfig)
+    """MRT edits."""
+    output_dir: Path = Path("benchmarks/results/vqa")
+    """runs/<benchmark>/<method>/seed<S>/results.json, vqa.json, vqa.md."""
+    threads: int | None = None
+    """torch CPU threads."""
+
+    def __post_init__(self) -> None:
+        _check_benchmarks(self.benchmarks, "TableConfig.benchmarks")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"TableConfig.methods: {bad} not among {METHODS}")
+        self.base, self.output_dir = Path(self.base), Path(self.output_dir)
+
+
+def vqa_table(cfg: TableConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every missing cell (finished ones are reused), then write vqa.json / vqa.md."""
+    log = log or (lambda _line: None)
+    if not (cfg.base / "adapter_config.json").is_file():
+        log(f"stage 1 -> {cfg.base}")
+        stage1(Stage1Config(**{**vars(cfg.stage1), "output_dir": cfg.base}))
+    for bench in cfg.benchmarks:
+        for method in cfg.methods:
+            for seed in [0] if method == "zero-shot" else cfg.seeds:
+                out = cfg.output_dir / "runs" / bench / method / f"seed{seed}"
+                if (out / "results.json").is_file():
+                    continue
+                log(f"start {bench} / {method} / seed {seed}")
+                r = tune(
+                    TuneConfig(
+                        benchmark=bench,
+                        method=method,  # type: ignore[arg-type]
+                        base=cfg.base,
+                        mrt=cfg.mrt,
+                        num_samples=cfg.num_samples,
+                        epochs=cfg.epochs,
+                        batch_size=cfg.batch_size,
+                        seed=seed,
+                        output_dir=out,
+                        save_adapter=False,
+                        threads=cfg.threads,
+                    )
+                )
+                log(
+                    f"done  {bench} / {method} / seed {seed}: test exact match "
+                    f"{r['test']['exact_match']:.3f} ({r['train_seconds']:.0f} s)"
+                )
+    return table_report(cfg.output_dir)
+
+
+def _mean_std(xs: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(xs),
+        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "n": len(xs),
+    }
+
+
+def table_report(root: Path | str) -> dict[str, Any]:
+    """Aggregate runs/*/*/seed*/results.json into vqa.json and vqa.md (mean ± std over seeds)."""
+    root = Path(root)
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted(root.glob("runs/*/*/seed*/results.json")):
+        r = json.loads(path.read_text())
+        rows.setdefault((r["benchmark"], r["method"]), []).append(r)
+    if not rows:
+        raise FileNotFoundError(f"{root}/runs: no results.json yet")
+    table = []
+    for (bench, method), rs in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))
+    ):
+        table.append(
+            {
+                "benchmark": bench,
+                "method": method,
+                "seeds": [r["seed"] for r in rs],
+                "test_exact_match": _mean_std([r["test"]["exact_match"] for r in rs]),
+                "val_exact_match": _mean_std([r["val"]["exact_match"] for r in rs]),
+                "train_seconds": _mean_std([r["train_seconds"] for r in rs]),
+                "trainable": rs[0]["params"]["trainable"],
+                "total": rs[0]["params"]["total"],
+                "share": rs[0]["params"]["share"],
+                "lr": rs[0]["lr"],
+            }
+        )
+    _write_json(root / "vqa.json", {"rows": table, "metric": "test exact match"})
+    lines = [
+        "| benchmark | method | test exact match | trainable params | share | train s | seeds |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for row in table:
+        em = row["test_exact_match"]
+        lines.append(
+            f"| {row['benchmark']} | {row['method']} | {em['mean']:.3f} ± {em['std']:.3f} | "
+            f"{row['trainable']:,} | {100 * row['share']:.4f}% | "
+            f"{row['train_seconds']['mean']:.0f} | {len(row['seeds'])} |"
+        )
+    with atomic_write(root / "vqa.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return {"rows": table}
+
+
+def load_for_generation(adapter: Path | None, base: Path | None) -> LlavaStyleModel | MRTModel:
+    """An MRT adapter directory (its base found from the adapter) or a stage-1 directory."""
+    if adapter is not None:
+        return load_mrt(adapter)
+    if base is None:
+        raise ValueError(
+            "give --adapter (an MRT adapter directory) or --base (a stage-1 directory)"
+        )
+    return load_lmm(base).eval()
+
+
+_MOBILENET_WIDTHS = [
+    32,
+    16,
+    24,
+    24,
+    32,
+    32,
+    32,
+    64,
+    64,
+    64,
+    64,
+    96,
+    96,
+    96,
+    160,
+    160,
+    160,
+    320,
+    1280,
+]
+
+
+def mrt_share(
+    llm: str,
+    vision: str,
+    mrt: MRTConfig,
+    vision_shapes: dict[str, dict[str, Any]],
+    projector: str = "mlp",
+) -> dict[str, Any]:
+    """MRT's tunable parameters and share on a LLaVA-style shape, built on the meta device."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mmtune.encoders.mobilenet import MobileNetV2
+    from mmtune.models.shapes import meta_model, shape_config
+
+    lm = meta_model(shape_config(llm))
+    d_model, depth = lm.config.hidden_size, lm.config.num_hidden_layers
+    if vision == "mobilenet-v2":
+        with torch.device("meta"):
+            tower = MobileNetV2()
+        widths, c_tokens = _MOBILENET_WIDTHS, 1280
+    elif vision in vision_shapes:
+        with torch.device("meta"):
+            tower = CLIPVisionModel(CLIPVisionConfig(**vision_shapes[vision]))
+        c_tokens = vision_shapes[vision]["hidden_size"]
+        widths = [c_tokens] * vision_shapes[vision]["num_hidden_layers"]
+    else:
+        raise ValueError(
+            f"vision shape {vision!r}: use mobilenet-v2 or one of {sorted(vision_shapes)}"
+        )
+    n_proj = c_tokens * d_model + d_model
+    if projector == "mlp":
+        n_proj += d_model * d_model + d_model
+    edits = mrt_trainable(mrt, d_model=d_model, num_llm_layers=depth, vision_widths=widths)
+    n_llm, n_vision = count_parameters(lm).total, count_parameters(tower).total
+    total = n_llm + n_vision + n_proj + edits["total"]
+    return {
+        "llm": llm,
+        "vision": vision,
+        "params": {"llm": n_llm, "vision": n_vision, "projector": n_proj, "all": total},
+        "mrt_edits": edits,
+        "share_of_all": edits["total"] / total,
+        "share_of_llm": edits["total"] / n_llm,
+    }

@@ -1,0 +1,131 @@
+"""Stage 1, instruction tuning of every method, the VQA table and the lmm CLI, end to end on tiny
+random models (the real code paths: models loaded from directories, adapters written to disk)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests.tiny_assets import tiny_llm_dir, tiny_vit_dir
+
+from mmtune.cli import main
+from mmtune.data.vqa import exact_match, normalize_answer, vqa_digits, vqa_shapes
+from mmtune.instruct import (
+    METHODS,
+    Stage1Config,
+    TableConfig,
+    TuneConfig,
+    stage1,
+    table_report,
+    tune,
+    vqa_table,
+)
+from mmtune.methods.mrt import MRTConfig, load_mrt
+from mmtune.models.lmm import LMMConfig
+
+
+def test_vqa_data_questions_answers_and_captions():
+    digits = vqa_digits(num_samples=40)
+    assert [len(digits[s]) for s in ("train", "val", "test")] == [24, 6, 10]
+    ids = [it["id"] for s in digits.values() for it in s]
+    assert len(set(ids)) == 40
+    for it in digits["train"]:
+        assert it["question"] == "Which digit is shown?" and it["answer"] in "0123456789"
+        assert it["answer"] in it["caption"]
+    shapes = vqa_shapes(num_samples=20)
+    for it in shapes["train"] + shapes["test"]:
+        assert it["question"] == "What colour is the square?"
+        assert it["answer"] in ("red", "green", "blue", "yellow")
+        assert it["caption"].count("square") == 1 and f"{it['answer']} square" in it["caption"]
+        assert it["image"].shape == (112, 112, 3)
+    assert vqa_shapes(num_samples=20)["test"][0]["caption"] == shapes["test"][0]["caption"]
+
+
+def test_exact_match_normalisation():
+    assert normalize_answer("  Red. ") == "red"
+    assert exact_match(["7", "Seven", "red!"], ["7", "7", "Red"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2 predictions for 1 answers"):
+        exact_match(["a", "b"], ["a"])
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("instruct")
+    lmm = LMMConfig(
+        llm=str(tiny_llm_dir(root / "llm")), vision=str(tiny_vit_dir(root / "vit")),
+        system_prompt=None,
+    )  # fmt: skip
+    out = root / "stage1"
+    r = stage1(Stage1Config(lmm=lmm, num_samples=20, batch_size=8, lr=1e-2, output_dir=out))
+    assert r["captions"] == 24 and r["params"]["trainable"] == 0  # projector frozen again
+    assert len(r["losses"]) == 3
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
+    out = tmp_path / method
+    cfg = TuneConfig(
+        benchmark="digits", method=method, base=stage1_dir, num_samples=20, epochs=1,
+        batch_size=6, lr=1e-2, mrt=MRTConfig(llm_layers=[0, 2], first=2, last=2), output_dir=out,
+    )  # fmt: skip
+    r = tune(cfg)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["test"]["num_samples"] == 5 and 0.0 <= saved["test"]["exact_match"] <= 1.0
+    assert saved["method"] == method and len(saved["examples"]) == 5
+    if method == "zero-shot":
+        assert r["params"]["trainable"] == 0 and r["steps"] == 0
+        assert not (out / "adapter").exists()
+    else:
+        assert r["steps"] == 2 and r["params"]["trainable"] > 0
+        assert (out / "adapter" / "adapter.safetensors").is_file()
+    if method == "mrt":
+        assert r["params"]["share"] < 0.2
+        model = load_mrt(out / "adapter")  # without the training script
+        assert model.edit_names == ["vision.2", "projector", "llm.0", "llm.2"]
+
+
+def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
+    cfg = TableConfig(
+        base=stage1_dir, benchmarks=["shapes"], methods=["zero-shot", "mrt"], seeds=[0, 1],
+        epochs=1, num_samples=20, batch_size=8, output_dir=tmp_path / "vqa",
+    )  # fmt: skip
+    table = vqa_table(cfg)
+    methods = [(r["method"], r["seeds"]) for r in table["rows"]]
+    assert methods == [("zero-shot", [0]), ("mrt", [0, 1])]
+    md = (tmp_path / "vqa" / "vqa.md").read_text()
+    assert "| shapes | mrt |" in md
+    mtime = (tmp_path / "vqa/runs/shapes/mrt/seed1/results.json").stat().st_mtime
+    vqa_table(cfg)  # resumable: finished cells are reused
+    assert (tmp_path / "vqa/runs/shapes/mrt/seed1/results.json").stat().st_mtime == mtime
+    assert table_report(tmp_path / "vqa")["rows"] == table["rows"]
+
+    # lmm tune + generate from the CLI, with control
+    main(["lmm", "tune", "--benchmark", "shapes", "--base", str(stage1_dir), "--num_samples",
+          "20", "--epochs", "1", "--lr", "0.05", "--output_dir", str(tmp_path / "cli"),
+          "--mrt.llm_layers", "[0, 1]", "--quiet", "true"])  # fmt: skip
+    assert "shapes / mrt: test exact match" in capsys.readouterr().out
+    adapter = str(tmp_path / "cli" / "adapter")
+    outputs = []
+    for extra in ([], ["--scale", "0"], ["--edit_scales", '{"llm.1": 3.0}', "--last", "1"]):
+        main(["lmm", "generate", "--adapter", adapter, "--item", "shapes:test:0",
+              "--max_new_tokens", "4", *extra])  # fmt: skip
+        outputs.append(capsys.readouterr().out.strip().splitlines())
+    assert all(o[0].startswith("item vqa-shapes-0-") for o in outputs)
+    main(["lmm", "generate", "--base", str(stage1_dir), "--item", "shapes:test:0",
+          "--max_new_tokens", "4"])  # fmt: skip
+    base_out = capsys.readouterr().out.strip().splitlines()
+    assert outputs[1] == base_out  # scale 0 = the base model
+    with pytest.raises(SystemExit):
+        main(["lmm", "generate", "--adapter", adapter, "--item", "shapes:test:0",
+              "--edit_scales", '{"nope": 1}'])  # fmt: skip
+    assert "MRTControl.edit_scales" in capsys.readouterr().err
+
+
+def test_stage1_and_tune_configs_reject_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="not among"):
+        Stage1Config(benchmarks=["coco"])
+    with pytest.raises(ValueError, match=r"TuneConfig.method"):
+        TuneConfig(method="full")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"MRTConfig.llm_rank"):
+        MRTConfig(llm_rank=0)
