@@ -99,6 +99,12 @@ def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
     vqa_table(cfg)  # resumable: finished cells are reused
     assert (tmp_path / "vqa/runs/shapes/mrt/seed1/results.json").stat().st_mtime == mtime
     assert table_report(tmp_path / "vqa")["rows"] == table["rows"]
+    held = tmp_path / "vqa/runs/shapes/mrt/seed2"
+    held.mkdir(parents=True)
+    (held / ".running").touch()  # another table process holds this cell
+    cfg.seeds = [0, 1, 2]
+    vqa_table(cfg)
+    assert not (held / "results.json").exists() and (held / ".running").exists()
 
     # lmm tune + generate from the CLI, with control
     main(["lmm", "tune", "--benchmark", "shapes", "--base", str(stage1_dir), "--num_samples",

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import time
@@ -43,7 +44,7 @@ __all__ = [
 
 Method = Literal["mrt", "projector", "lora", "zero-shot"]
 METHODS: tuple[str, ...] = ("zero-shot", "projector", "lora", "mrt")
-DEFAULT_LR = {"mrt": 2e-3, "projector": 1e-3, "lora": 1e-3, "zero-shot": 0.0}
+DEFAULT_LR = {"mrt": 1e-2, "projector": 1e-3, "lora": 2e-3, "zero-shot": 0.0}
 CAPTION_PROMPT = "<image>\nDescribe the image."
 
 
@@ -447,27 +448,49 @@ def vqa_table(cfg: TableConfig, log: Callable[[str], None] | None = None) -> dic
                 out = cfg.output_dir / "runs" / bench / method / f"seed{seed}"
                 if (out / "results.json").is_file():
                     continue
+                lock = _claim(out)
+                if lock is None:  # another `lmm table` process is running this cell
+                    log(f"skip  {bench} / {method} / seed {seed}: {out / '.running'} exists")
+                    continue
                 log(f"start {bench} / {method} / seed {seed}")
-                r = tune(
-                    TuneConfig(
-                        benchmark=bench,
-                        method=method,  # type: ignore[arg-type]
-                        base=cfg.base,
-                        mrt=cfg.mrt,
-                        num_samples=cfg.num_samples,
-                        epochs=cfg.epochs,
-                        batch_size=cfg.batch_size,
-                        seed=seed,
-                        output_dir=out,
-                        save_adapter=False,
-                        threads=cfg.threads,
+                try:
+                    r = tune(
+                        TuneConfig(
+                            benchmark=bench,
+                            method=method,  # type: ignore[arg-type]
+                            base=cfg.base,
+                            mrt=cfg.mrt,
+                            num_samples=cfg.num_samples,
+                            epochs=cfg.epochs,
+                            batch_size=cfg.batch_size,
+                            seed=seed,
+                            output_dir=out,
+                            save_adapter=False,
+                            threads=cfg.threads,
+                        )
                     )
-                )
+                finally:
+                    lock.unlink(missing_ok=True)
                 log(
                     f"done  {bench} / {method} / seed {seed}: test exact match "
                     f"{r['test']['exact_match']:.3f} ({r['train_seconds']:.0f} s)"
                 )
     return table_report(cfg.output_dir)
+
+
+def _claim(out: Path) -> Path | None:
+    """Create ``out/.running`` exclusively; None when another process holds it.
+
+    Lets several ``lmm table`` processes share one grid. A process killed mid-cell leaves the
+    file behind: delete it to run that cell again.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".running"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
+    return lock
 
 
 def _mean_std(xs: list[float]) -> dict[str, float]:

@@ -361,7 +361,7 @@ class MRTModel(nn.Module):
         """Greedy generation; the edits act on the prompt during prefill (and on visual tokens)."""
         with self.edits_at(batch):  # the vision/projector edits run inside embed()
             return self.base.generate(
-                batch, max_new_tokens, prefill_context=lambda: _keep(self, batch)
+                batch, max_new_tokens, prefill_context=lambda: _prompt_only(self)
             )
 
     def remove(self) -> LlavaStyleModel:
@@ -401,8 +401,9 @@ class MRTModel(nn.Module):
 
 
 @contextmanager
-def _keep(model: MRTModel, batch: LMMBatch) -> Iterator[None]:
-    """Prefill: positions are already set by ``edits_at``; decode steps run after it exits."""
+def _prompt_only(model: MRTModel) -> Iterator[None]:
+    """Around the prefill (positions set by ``edits_at``); the decode steps that follow are not
+    prompt positions, so the LLM edits switch off when it exits."""
     try:
         yield
     finally:
