@@ -63,6 +63,16 @@ def test_every_config_parses(path):
             skip = ("__path__", "config", "report_only")
             cfg = CompareConfig(**{k: v for k, v in vars(grid).items() if k not in skip})
         assert cfg.benchmarks and cfg.variants and cfg.seeds == [0, 1, 2]
+    elif path.parent.name == "lmm":  # `mmtune lmm table` grids
+        parser = auto_parser(cli.lmm_table, as_positional=False)
+        ns = parser.instantiate(parser.parse_path(str(path)))
+        from mmtune.instruct import Stage1Config, TableConfig
+
+        cfg = TableConfig(
+            base=ns.base, stage1=Stage1Config(**ns.stage1_settings), benchmarks=ns.benchmarks,
+            methods=ns.methods, seeds=ns.seeds, epochs=ns.epochs, num_samples=ns.num_samples,
+        )  # fmt: skip
+        assert cfg.seeds == [0, 1, 2] and cfg.stage1.num_samples == 200
     elif path.name == "smoke.yaml":
         parser = auto_parser(cli.smoke, as_positional=False)
         assert parser.instantiate(parser.parse_path(str(path))).settings.steps > 0

@@ -560,6 +560,7 @@ def lmm_table(
     mrt: MRTConfig = MRTConfig(),  # noqa: B008
     output_dir: Path = Path("benchmarks/results/vqa"),
     threads: int | None = None,
+    save_adapters: bool = False,
     report_only: bool = False,
 ) -> None:
     """The VQA table: methods x benchmarks x seeds (resumable), then vqa.json / vqa.md.

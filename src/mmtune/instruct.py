@@ -427,6 +427,8 @@ class TableConfig:
     """runs/<benchmark>/<method>/seed<S>/results.json, vqa.json, vqa.md."""
     threads: int | None = None
     """torch CPU threads."""
+    save_adapters: bool = False
+    """Also keep each run's trained tensors (``runs/.../adapter``)."""
 
     def __post_init__(self) -> None:
         _check_benchmarks(self.benchmarks, "TableConfig.benchmarks")
@@ -465,7 +467,7 @@ def vqa_table(cfg: TableConfig, log: Callable[[str], None] | None = None) -> dic
                             batch_size=cfg.batch_size,
                             seed=seed,
                             output_dir=out,
-                            save_adapter=False,
+                            save_adapter=cfg.save_adapters,
                             threads=cfg.threads,
                         )
                     )
