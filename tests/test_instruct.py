@@ -106,6 +106,14 @@ def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
     vqa_table(cfg)
     assert not (held / "results.json").exists() and (held / ".running").exists()
 
+    # lmm table from the CLI: every flag reaches TableConfig (adapters kept on request)
+    main(["lmm", "table", "--base", str(stage1_dir), "--benchmarks", "[shapes]", "--methods",
+          "[mrt]", "--seeds", "[3]", "--epochs", "1", "--num_samples", "20", "--output_dir",
+          str(tmp_path / "vqa"), "--save_adapters", "true"])  # fmt: skip
+    assert (tmp_path / "vqa/runs/shapes/mrt/seed3/adapter/adapter.safetensors").is_file()
+    assert not (tmp_path / "vqa/runs/shapes/mrt/seed0/adapter").exists()
+    assert "| shapes | mrt |" in capsys.readouterr().out
+
     # lmm tune + generate from the CLI, with control
     main(["lmm", "tune", "--benchmark", "shapes", "--base", str(stage1_dir), "--num_samples",
           "20", "--epochs", "1", "--lr", "0.05", "--output_dir", str(tmp_path / "cli"),

@@ -479,7 +479,15 @@ def lmm_stage1(
     from mmtune.instruct import Stage1Config, stage1
 
     cfg = Stage1Config(
-        lmm, benchmarks, num_samples, epochs, batch_size, lr, seed, output_dir, threads
+        lmm=lmm,
+        benchmarks=benchmarks,
+        num_samples=num_samples,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        output_dir=output_dir,
+        threads=threads,
     )
     r = stage1(cfg, progress=None if quiet else _step_printer())
     print(
@@ -522,21 +530,21 @@ def lmm_tune(
     from mmtune.instruct import TuneConfig, tune
 
     cfg = TuneConfig(
-        benchmark,
-        method,
-        base,
-        mrt,
-        peft,
-        num_samples,
-        epochs,
-        batch_size,
-        lr,
-        seed,
-        max_new_tokens,
-        eval_batch_size,
-        output_dir,
-        save_adapter,
-        threads,
+        benchmark=benchmark,
+        method=method,
+        base=base,
+        mrt=mrt,
+        peft=peft,
+        num_samples=num_samples,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        eval_batch_size=eval_batch_size,
+        output_dir=output_dir,
+        save_adapter=save_adapter,
+        threads=threads,
     )
     r = tune(cfg, progress=None if quiet else _step_printer())
     p = r["params"]
@@ -574,17 +582,18 @@ def lmm_table(
         table_report(output_dir)
     else:
         cfg = TableConfig(
-            base,
-            Stage1Config(**(stage1_settings or {})),
-            benchmarks,
-            methods,
-            seeds,
-            epochs,
-            num_samples,
-            batch_size,
-            mrt,
-            output_dir,
-            threads,
+            base=base,
+            stage1=Stage1Config(**(stage1_settings or {})),
+            benchmarks=benchmarks,
+            methods=methods,
+            seeds=seeds,
+            epochs=epochs,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            mrt=mrt,
+            output_dir=output_dir,
+            threads=threads,
+            save_adapters=save_adapters,
         )
         vqa_table(cfg, log=lambda line: print(line, flush=True))
     print(Path(output_dir, "vqa.md").read_text())
