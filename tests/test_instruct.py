@@ -126,6 +126,14 @@ def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
               "--max_new_tokens", "4", *extra])  # fmt: skip
         outputs.append(capsys.readouterr().out.strip().splitlines())
     assert all(o[0].startswith("item vqa-shapes-0-") for o in outputs)
+    # benchmark-level control: every edit off scores exactly as the zero-shot base model
+    main(["lmm", "eval", adapter, "--benchmark", "shapes", "--num_samples", "20",
+          "--scale", "0", "--output", str(tmp_path / "eval.json")])  # fmt: skip
+    assert "shapes test (n = 5): exact match" in capsys.readouterr().out
+    zero_shot = json.loads((tmp_path / "vqa/runs/shapes/zero-shot/seed0/results.json").read_text())
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["exact_match"] == zero_shot["test"]["exact_match"]
+    assert scored["predictions"][:5] == [e["prediction"] for e in zero_shot["examples"]]
     main(["lmm", "generate", "--base", str(stage1_dir), "--item", "shapes:test:0",
           "--max_new_tokens", "4"])  # fmt: skip
     base_out = capsys.readouterr().out.strip().splitlines()

@@ -664,6 +664,48 @@ def lmm_generate(
     print(answer(model, prompt, images, control=control, max_new_tokens=max_new_tokens))
 
 
+def lmm_eval(
+    adapter: Path,
+    benchmark: str = "shapes",
+    num_samples: int = 400,
+    split: str = "test",
+    scale: float = 1.0,
+    edit_scales: dict[str, float] | None = None,
+    first: int | None = None,
+    last: int | None = None,
+    positions: list[int] | None = None,
+    visual_tokens: list[int] | None = None,
+    output: Path | None = None,
+) -> None:
+    """Exact match of an MRT adapter on a VQA split under control (no training).
+
+    Args:
+        adapter: MRT adapter directory.
+        benchmark: digits or shapes.
+        num_samples: items of the benchmark (the split must match the one trained on to keep
+            test images unseen: 300 for the README's table).
+        split: train, val or test.
+        scale, edit_scales, first, last, positions, visual_tokens: as in `lmm generate`.
+        output: also write the result (with predictions) to this JSON file.
+    """
+    from mmtune.instruct import evaluate_adapter
+    from mmtune.methods.mrt import MRTControl
+
+    control = MRTControl(
+        scale=scale,
+        edit_scales=edit_scales or {},
+        first=first,
+        last=last,
+        positions=positions,
+        visual_tokens=visual_tokens,
+    )
+    r = evaluate_adapter(adapter, benchmark, control=control, num_samples=num_samples, split=split)
+    if output is not None:
+        with atomic_write(output) as tmp:
+            tmp.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"{benchmark} {split} (n = {r['num_samples']}): exact match {r['exact_match']:.3f}")
+
+
 def lmm_params(
     llm: str = "llama-2-7b",
     vision: str = "clip-vit-l-14-336",
@@ -709,6 +751,7 @@ def main(argv: list[str] | None = None) -> None:
                     "tune": lmm_tune,
                     "table": lmm_table,
                     "generate": lmm_generate,
+                    "eval": lmm_eval,
                     "params": lmm_params,
                 },
                 "version": version,

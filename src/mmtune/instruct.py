@@ -623,3 +623,39 @@ def mrt_share(
         "share_of_all": edits["total"] / total,
         "share_of_llm": edits["total"] / n_llm,
     }
+
+
+def evaluate_adapter(
+    adapter: Path | str,
+    benchmark: str,
+    *,
+    control: MRTControl | None = None,
+    num_samples: int = 400,
+    split: str = "test",
+    batch_size: int = 16,
+    max_new_tokens: int = 6,
+) -> dict[str, Any]:
+    """Exact match of an MRT adapter on a VQA split under ``control`` (no training)."""
+    _check_benchmarks([benchmark], "benchmark")
+    data = VQA_BENCHMARKS[benchmark](num_samples=num_samples)
+    if split not in data:
+        raise ValueError(f"split {split!r}: use one of {sorted(data)}")
+    model = load_mrt(adapter)
+    model.set_control(control)
+    items = data[split]
+    preds = predict(
+        model,
+        [_prompt(it) for it in items],
+        _pixels(model.base, items),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    return {
+        "adapter": str(adapter),
+        "benchmark": benchmark,
+        "split": split,
+        "num_samples": len(items),
+        "control": asdict(model.control),
+        "exact_match": exact_match(preds, [it["answer"] for it in items]),
+        "predictions": preds,
+    }
