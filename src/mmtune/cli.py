@@ -448,17 +448,6 @@ def compare(
 
 # ----------------------------------------------------------------------------- LLaVA-style + MRT
 
-_VISION_SHAPES = {  # CLIP ViT-L/14-336: LLaVA-1.5's tower (24 layers, width 1024, 577 tokens)
-    "clip-vit-l-14-336": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "image_size": 336,
-        "patch_size": 14,
-    },
-}
-
 
 def lmm_stage1(
     lmm: LMMConfig = LMMConfig(),  # noqa: B008
@@ -599,6 +588,20 @@ def lmm_table(
     print(Path(output_dir, "vqa.md").read_text())
 
 
+def _control(scale, edit_scales, first, last, positions, visual_tokens):
+    """An MRTControl from the control flags shared by `lmm generate` and `lmm eval`."""
+    from mmtune.methods.mrt import MRTControl
+
+    return MRTControl(
+        scale=scale,
+        edit_scales=edit_scales or {},
+        first=first,
+        last=last,
+        positions=positions,
+        visual_tokens=visual_tokens,
+    )
+
+
 def lmm_generate(
     prompt: str | None = None,
     image: list[Path] | None = None,
@@ -631,7 +634,6 @@ def lmm_generate(
     """
     from mmtune.data.vqa import VQA_BENCHMARKS
     from mmtune.instruct import answer, load_for_generation
-    from mmtune.methods.mrt import MRTControl
 
     images: list = [str(p) for p in image or []]
     if item is not None:
@@ -653,14 +655,7 @@ def lmm_generate(
     model = load_for_generation(adapter, base)
     control = None
     if adapter is not None:
-        control = MRTControl(
-            scale=scale,
-            edit_scales=edit_scales or {},
-            first=first,
-            last=last,
-            positions=positions,
-            visual_tokens=visual_tokens,
-        )
+        control = _control(scale, edit_scales, first, last, positions, visual_tokens)
     print(answer(model, prompt, images, control=control, max_new_tokens=max_new_tokens))
 
 
@@ -689,16 +684,8 @@ def lmm_eval(
         output: also write the result (with predictions) to this JSON file.
     """
     from mmtune.instruct import evaluate_adapter
-    from mmtune.methods.mrt import MRTControl
 
-    control = MRTControl(
-        scale=scale,
-        edit_scales=edit_scales or {},
-        first=first,
-        last=last,
-        positions=positions,
-        visual_tokens=visual_tokens,
-    )
+    control = _control(scale, edit_scales, first, last, positions, visual_tokens)
     r = evaluate_adapter(adapter, benchmark, control=control, num_samples=num_samples, split=split)
     if output is not None:
         with atomic_write(output) as tmp:
@@ -720,7 +707,7 @@ def lmm_params(
     """
     from mmtune.instruct import mrt_share
 
-    print(json.dumps(mrt_share(llm, vision, mrt, _VISION_SHAPES), indent=2))
+    print(json.dumps(mrt_share(llm, vision, mrt), indent=2))
 
 
 def version() -> None:

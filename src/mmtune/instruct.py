@@ -558,6 +558,18 @@ def load_for_generation(adapter: Path | None, base: Path | None) -> LlavaStyleMo
     return load_lmm(base).eval()
 
 
+VISION_SHAPES: dict[str, dict[str, Any]] = {
+    # CLIP ViT-L/14-336: LLaVA-1.5's tower (24 layers, width 1024, 577 tokens)
+    "clip-vit-l-14-336": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+    },
+}
+
 _MOBILENET_WIDTHS = [
     32,
     16,
@@ -585,7 +597,7 @@ def mrt_share(
     llm: str,
     vision: str,
     mrt: MRTConfig,
-    vision_shapes: dict[str, dict[str, Any]],
+    vision_shapes: dict[str, dict[str, Any]] | None = None,
     projector: str = "mlp",
 ) -> dict[str, Any]:
     """MRT's tunable parameters and share on a LLaVA-style shape, built on the meta device."""
@@ -594,6 +606,7 @@ def mrt_share(
     from mmtune.encoders.mobilenet import MobileNetV2
     from mmtune.models.shapes import meta_model, shape_config
 
+    vision_shapes = VISION_SHAPES if vision_shapes is None else vision_shapes
     lm = meta_model(shape_config(llm))
     d_model, depth = lm.config.hidden_size, lm.config.num_hidden_layers
     if vision == "mobilenet-v2":

@@ -13,7 +13,7 @@ from tests.tiny_assets import tiny_llm_dir, tiny_vit_dir
 from mmtune import LMMConfig, LoReFTEdit, MRTConfig, MRTControl, MRTModel, inject_mrt, load_mrt
 from mmtune.encoders.images import ImagePreprocess
 from mmtune.encoders.mobilenet import MobileNetV2Encoder
-from mmtune.instruct import fit, mrt_share
+from mmtune.instruct import VISION_SHAPES, fit, mrt_share
 from mmtune.methods.mrt import mrt_trainable
 from mmtune.models.lmm import LlavaStyleModel, VisualTokens, build_lmm, load_lmm
 
@@ -272,16 +272,7 @@ def test_tunable_share_counts(dirs):
         vision_widths=model.tower.block_widths,
     )
     assert counted["total"] == mrt.parameter_count().trainable
-    shapes = {
-        "clip-vit-l-14-336": {
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 336,
-            "patch_size": 14,
-        }
-    }
+    shapes = VISION_SHAPES
     small = mrt_share("smollm2-135m", "mobilenet-v2", MRTConfig(), shapes)
     assert small["share_of_all"] <= 0.001  # the bound at SmolLM2 scale
     big = mrt_share("llama-2-7b", "clip-vit-l-14-336", MRTConfig(), shapes)

@@ -31,7 +31,6 @@ from torch import nn
 from mmtune.encoders.images import ImageLike
 from mmtune.encoders.vision import VisionEncoder, load_vision_encoder
 from mmtune.methods.base import (
-    count_parameters,
     load_adapter_tensors,
     read_adapter,
     write_adapter,
@@ -232,7 +231,7 @@ class LlavaStyleModel(nn.Module):
         self.projector.requires_grad_(False)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id
-        self.stop_ids = self._stop_ids()
+        self.end_of_answer, self.stop_ids = self._answer_end()
 
     # frozen parts never leave eval mode (BatchNorm statistics, dropout)
     def train(self, mode: bool = True) -> LlavaStyleModel:
@@ -245,13 +244,16 @@ class LlavaStyleModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
 
-    def _stop_ids(self) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
+    def _answer_end(self) -> tuple[int, set[int]]:
+        """The token that ends an answer (the chat template's end of turn, else EOS) and every
+        token that stops generation."""
+        eos = self.tokenizer.eos_token_id
+        end = eos
         if getattr(self.tokenizer, "chat_template", None):
-            end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-            if isinstance(end, int) and end != getattr(self.tokenizer, "unk_token_id", None):
-                ids.add(end)
-        return {i for i in ids if i is not None}
+            turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if isinstance(turn, int) and turn != getattr(self.tokenizer, "unk_token_id", None):
+                end = turn
+        return end, {i for i in (eos, end) if i is not None}
 
     # -- text ------------------------------------------------------------------------------
     def render_prompt(self, prompt: str) -> str:
@@ -264,15 +266,6 @@ class LlavaStyleModel(nn.Module):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         head = f"{self.config.system_prompt}\n" if self.config.system_prompt else ""
         return f"{head}USER: {prompt}\nASSISTANT: "
-
-    @property
-    def end_of_answer(self) -> int:
-        """The token that ends an answer: the chat template's end of turn, else EOS."""
-        if getattr(self.tokenizer, "chat_template", None):
-            end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-            if end in self.stop_ids:
-                return end
-        return self.tokenizer.eos_token_id
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -496,14 +489,3 @@ def load_lmm(directory: str | Path, **llm_kwargs: Any) -> LlavaStyleModel:
     model = build_lmm(config, **llm_kwargs)
     model.load_projector(directory)
     return model
-
-
-def parameter_report(model: LlavaStyleModel) -> dict[str, int]:
-    """Parameter counts of the parts (frozen and trainable)."""
-    return {
-        "llm": count_parameters(model.llm).total,
-        "vision": count_parameters(model.tower).total,
-        "projector": count_parameters(model.projector).total,
-        "total": count_parameters(model).total,
-        "trainable": count_parameters(model).trainable,
-    }
