@@ -92,3 +92,31 @@ def test_compare_command_report_only_and_bad_paths(grid, capsys, tmp_path):
     assert "| text | text |" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no config file"):
         CompareConfig(benchmarks=[str(tmp_path / "missing.yaml")])
+
+
+def test_selection_reuses_runs_made_at_the_config_rate(tmp_path):
+    llm, vit = tiny_llm_dir(tmp_path / "llm"), tiny_vit_dir(tmp_path / "vit")
+    bench = tmp_path / "digits.yaml"
+    bench.write_text(
+        f"""
+task: {{data: digits-ve, data_options: {{num_samples: 40}}}}
+model: {{llm: {llm}, vision: {vit}}}
+optim: {{epochs: 1, batch_size: 8, lr: 1.0e-3, head_lr_scale: 1.0}}
+feature_cache: false
+plots: false
+"""
+    )
+    text = tmp_path / "text.yaml"
+    text.write_text("method: text\n")
+    plain = CompareConfig(
+        benchmarks=[str(bench)], variants=[str(text)], seeds=[0], output_dir=str(tmp_path / "out")
+    )
+    run_compare(plain)
+    first = tmp_path / "out" / "runs" / "digits" / "text" / "lrconfig-seed0" / "results.json"
+    stamp = first.stat().st_mtime_ns
+    # 1e-3 is the config's rate: its seed-0 run stands; only 3e-4 is trained
+    table = run_compare(CompareConfig(**{**vars(plain), "lrs": [1e-3, 3e-4]}))
+    assert first.stat().st_mtime_ns == stamp
+    runs = sorted(p.parent.name for p in first.parents[1].glob("*/results.json"))
+    assert runs == ["lr0.0003-seed0", "lrconfig-seed0"]
+    assert table["failures"] == [] and table["rows"][0]["lr"] in (1e-3, 3e-4)

@@ -3,9 +3,10 @@
 Each cell is one ``mmtune train BENCHMARK.yaml --config VARIANT.yaml --seed S`` in its own
 process (``workers`` at a time, ``threads`` torch threads each), written to
 ``OUTPUT/runs/<benchmark>/<variant>/lr<lr>-seed<S>/``. A cell whose ``results.json`` exists is
-not run again, so an interrupted comparison continues where it stopped. Checkpoints and
-weights are deleted after a cell finishes (``keep_weights`` keeps them); results.json and the
-test predictions stay.
+not run again, so an interrupted comparison continues where it stopped; a run made with the
+config's rate (``lrconfig-seed<S>``) also stands for that rate when it is a candidate.
+Checkpoints and weights are deleted after a cell finishes (``keep_weights`` keeps them);
+results.json and the test predictions stay.
 
 Learning rate: with several ``lrs``, every candidate is trained with the first seed and the one
 with the best *validation* headline (last epoch) is used for the other seeds; the test split is
@@ -132,6 +133,21 @@ def _results(path: Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def _finished(cell: Cell, root: Path) -> dict[str, Any] | None:
+    """The cell's results, or those of the same run made without ``lrs`` at the same rate.
+
+    A grid first run with the configs' learning rate (``lrconfig-seedS``) is reused when a later
+    selection names that rate as a candidate: same benchmark, variant, seed and rate, same run.
+    """
+    res = _results(cell.directory(root))
+    if res is not None or cell.lr is None:
+        return res
+    plain = _results(Cell(cell.benchmark, cell.variant, cell.seed, None).directory(root))
+    if plain is not None and math.isclose(plain["config"]["optim"]["lr"], cell.lr):
+        return plain
+    return None
+
+
 def _val_score(results: dict[str, Any]) -> float:
     """The last epoch's validation headline, signed so that larger is better."""
     key, _ = next(iter(results["headline"].items()))
@@ -172,7 +188,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] | None = None) ->
             return True
         scored = []
         for lr in lrs:
-            res = _results(Cell(b, v, cfg.seeds[0], lr).directory(root))
+            res = _finished(Cell(b, v, cfg.seeds[0], lr), root)
             if res is None:
                 return False
             scored.append((_val_score(res), lr))
@@ -189,7 +205,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] | None = None) ->
         while pending and len(running) < cfg.workers:
             cell = pending.pop(0)
             out = cell.directory(root)
-            if _results(out) is not None:
+            if _finished(cell, root) is not None:
                 continue
             out.parent.mkdir(parents=True, exist_ok=True)
             logf = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 (closed on exit)
