@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from mmtune import cli
-from mmtune.compare import CompareConfig, plan, report, run_compare
+from mmtune.compare import CompareConfig, mean_ranks, plan, report, run_compare
 from tiny_assets import tiny_llm_dir, tiny_vit_dir
 
 
@@ -71,8 +72,6 @@ def test_grid_runs_selection_then_seeds_and_reports(grid):
 
 
 def table_root(cfg):
-    from pathlib import Path
-
     return Path(cfg.output_dir) / "runs"
 
 
@@ -120,3 +119,50 @@ plots: false
     runs = sorted(p.parent.name for p in first.parents[1].glob("*/results.json"))
     assert runs == ["lr0.0003-seed0", "lrconfig-seed0"]
     assert table["failures"] == [] and table["rows"][0]["lr"] in (1e-3, 3e-4)
+
+
+def _row(benchmark, variant, head, mean):
+    return {"benchmark": benchmark, "variant": variant, "headline": head,
+            "metrics": {head: {"mean": mean, "std": 0.0}}}  # fmt: skip
+
+
+def test_mean_ranks_respects_lower_is_better_and_skips_incomplete_benchmarks():
+    rows = [
+        _row("digits", "a", "accuracy", 0.6),
+        _row("digits", "b", "accuracy", 0.7),
+        _row("movie", "a", "mae", 0.5),  # lower is better: a wins here
+        _row("movie", "b", "mae", 0.9),
+        _row("shapes", "a", "oIoU", 0.3),
+        _row("shapes", "b", "oIoU", 0.2),
+        _row("extra", "b", "oIoU", 0.9),  # no row for a: not counted
+    ]
+    assert mean_ranks(rows, ["a", "b"]) == [("a", 4 / 3), ("b", 5 / 3)]
+    with pytest.raises(ValueError, match="no benchmark"):
+        mean_ranks(rows, ["a", "missing"])
+
+
+def test_shipped_defaults_win_the_committed_accuracy_table():
+    """Issue 6 / DESIGN.md: MiT's default form and layer rule win benchmarks/results/accuracy.
+
+    Every ablation changes one thing from the reference row form-gated (the table configs' gated
+    form and paper layers); the default of each choice is the variant with the best mean rank.
+    """
+    import yaml
+
+    from mmtune import MiTConfig
+
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads((root / "benchmarks/results/accuracy/accuracy.json").read_text())["rows"]
+    base = yaml.safe_load((root / "configs/table/digits-ve.yaml").read_text())["mit"]
+
+    def option(variant: str, key: str):
+        mit = yaml.safe_load((root / f"configs/ablations/{variant}.yaml").read_text())["mit"]
+        return {**base, **mit}[key]
+
+    forms = ["form-gated", "form-paper", "form-residual"]
+    assert MiTConfig().form == option(mean_ranks(rows, forms)[0][0], "form")
+    layer_files = (root / "configs/ablations").glob("layers-*.yaml")
+    layer_sets = ["form-gated", *sorted(p.stem for p in layer_files)]  # form-gated: paper layers
+    assert MiTConfig().layers == option(mean_ranks(rows, layer_sets)[0][0], "layers")
+    shipped = yaml.safe_load((root / "configs/methods/mit.yaml").read_text())["mit"]
+    assert shipped == {"form": MiTConfig().form, "layers": MiTConfig().layers}

@@ -5,7 +5,8 @@ For one LLM (the embedded SmolLM2, any causal LM directory, or a named shape suc
 same process on the same inputs, for each text length T and image-token count N:
 
 - ``text``: the frozen LLM on T text tokens (the floor);
-- ``mit``: MiT (paper layers, gated form) on T text tokens and one modality vector I;
+- ``mit``: MiT (the ``mit`` config; by default the paper's layers, residual form) on T text
+  tokens and one modality vector I;
   ``mit_cached`` is its training step from cached states entering the first infused layer
   (what ``cache_lower_layers`` does from the second epoch on);
 - ``concat``, ``concat_lora``, ``concat_ia3``: N projected image tokens before the T text

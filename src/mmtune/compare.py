@@ -38,7 +38,7 @@ import yaml
 
 from mmtune.methods.base import atomic_write
 
-__all__ = ["Cell", "CompareConfig", "plan", "report", "run_compare"]
+__all__ = ["Cell", "CompareConfig", "mean_ranks", "plan", "report", "run_compare"]
 
 LOWER_IS_BETTER = {"mae", "rmse"}
 # report order: the methods, then ablations by name
@@ -299,6 +299,31 @@ def report(root: Path | str) -> dict[str, Any]:
     with atomic_write(root / "accuracy.md") as tmp:
         tmp.write_text(markdown(rows))
     return table
+
+
+def mean_ranks(rows: list[dict[str, Any]], variants: list[str]) -> list[tuple[str, float]]:
+    """Rank ``variants`` on each benchmark's headline mean (1 = best), average over benchmarks.
+
+    Only benchmarks where every variant has a row count. Returns ``(variant, mean rank)`` best
+    first; ties keep the order of ``variants``. This is how the README picks MiT's defaults.
+    """
+    cell = {(r["benchmark"], r["variant"]): r for r in rows}
+    benchmarks = [
+        b
+        for b in dict.fromkeys(r["benchmark"] for r in rows)
+        if all((b, v) in cell for v in variants)
+    ]
+    if not benchmarks:
+        raise ValueError(f"no benchmark has a row for every one of {variants}")
+    total = dict.fromkeys(variants, 0.0)
+    for b in benchmarks:
+        head = cell[(b, variants[0])]["headline"]
+        sign = -1.0 if head in LOWER_IS_BETTER else 1.0
+        order = sorted(variants, key=lambda v: -sign * cell[(b, v)]["metrics"][head]["mean"])
+        for rank, v in enumerate(order, start=1):
+            total[v] += rank
+    ranked = [(v, total[v] / len(benchmarks)) for v in variants]
+    return sorted(ranked, key=lambda x: x[1])
 
 
 def _fmt(stat: dict[str, float], digits: int = 3) -> str:

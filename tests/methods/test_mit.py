@@ -545,7 +545,7 @@ def test_bf16_base_model_keeps_fp32_adapter_and_identity_at_init():
     ids = _ids()
     with torch.no_grad():
         base = model(input_ids=ids).logits
-    mit = inject_mit(model, MiTConfig(d_modality=D_I))
+    mit = inject_mit(model, MiTConfig(d_modality=D_I, form="gated"))
     assert all(p.dtype == torch.float32 for p in mit.infusion.parameters())
     with torch.no_grad():
         out = mit(input_ids=ids, modality=_modality()).logits

@@ -17,7 +17,7 @@ def test_family_identity_batching_and_cache(model_type):
     model = tiny_model(model_type, "eager" if model_type == "gemma2" else "sdpa")
     with torch.no_grad():
         base = model(input_ids=ids).logits
-        mit = inject_mit(model, MiTConfig(d_modality=D_I, layers="all"))
+        mit = inject_mit(model, MiTConfig(d_modality=D_I, layers="all", form="gated"))
         assert (mit(input_ids=ids, modality=modality).logits - base).abs().max() == 0
         perturb(mit)
         batched = mit(input_ids=ids, modality=modality).logits

@@ -46,7 +46,7 @@ def test_real_smollm2_answers_paris(smollm2):
 def test_mit_at_init_leaves_the_greedy_reply_identical(smollm2):
     model, tokenizer, _ = smollm2
     plain, _ = _greedy(model.generate, tokenizer)
-    mit = inject_mit(model, MiTConfig(d_modality=1280, layers="paper"))
+    mit = inject_mit(model, MiTConfig(d_modality=1280, layers="paper", form="gated"))
     try:
         assert mit.layer_ids == [11, 15, 19, 23, 27, 30]
         image_vector = torch.randn(1, 1280)
