@@ -333,7 +333,8 @@ def test_eager_equals_sdpa(arch):
 
 
 def test_cached_generation_equals_uncached_forward(arch):
-    mit = perturb(inject_mit(tiny_model(arch, "sdpa"), MiTConfig(d_modality=D_I, form="gated")))
+    config = MiTConfig(d_modality=D_I, layers="all", form="gated")
+    mit = perturb(inject_mit(tiny_model(arch, "sdpa"), config))
     ids, I = _ids(batch=2, length=5), _modality(batch=2)
     gen = mit.generate(
         input_ids=ids,
@@ -431,7 +432,7 @@ def test_right_padded_batch_equals_unpadded_samples():
 
 
 def test_bad_modality_inputs_raise_clear_errors():
-    mit = inject_mit(tiny_model("llama"), MiTConfig(d_modality=D_I))
+    mit = inject_mit(tiny_model("llama"), MiTConfig(d_modality=D_I, layers="all"))
     ids = _ids(batch=2)
     with pytest.raises(ValueError, match=r"width 5 differs from MiTConfig.d_modality 12"):
         mit(input_ids=ids, modality=torch.randn(2, 5))
