@@ -6,27 +6,34 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mmtune import cli
+from mmtune import MiTConfig, cli
 from mmtune.compare import CompareConfig, mean_ranks, plan, report, run_compare
 from tiny_assets import tiny_llm_dir, tiny_vit_dir
 
 
-@pytest.fixture(scope="module")
-def grid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compare")
+def _digits_benchmark(root: Path, num_samples: int, mit: str = "") -> Path:
+    """A digits-ve task config on tiny random models built under ``root``: seconds per run."""
     llm, vit = tiny_llm_dir(root / "llm"), tiny_vit_dir(root / "vit")
     bench = root / "digits.yaml"
     bench.write_text(
         f"""
-task: {{data: digits-ve, data_options: {{num_samples: 60}}}}
+task: {{data: digits-ve, data_options: {{num_samples: {num_samples}}}}}
 model: {{llm: {llm}, vision: {vit}}}
-mit: {{layers: [3, 4]}}
+{mit}
 optim: {{epochs: 1, batch_size: 8, lr: 1.0e-3, head_lr_scale: 1.0}}
 feature_cache: false
 plots: false
 """
     )
+    return bench
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    bench = _digits_benchmark(root, num_samples=60, mit="mit: {layers: [3, 4]}")
     text = root / "text.yaml"
     text.write_text("method: text\n")
     mit = root / "mit.yaml"
@@ -94,17 +101,7 @@ def test_compare_command_report_only_and_bad_paths(grid, capsys, tmp_path):
 
 
 def test_selection_reuses_runs_made_at_the_config_rate(tmp_path):
-    llm, vit = tiny_llm_dir(tmp_path / "llm"), tiny_vit_dir(tmp_path / "vit")
-    bench = tmp_path / "digits.yaml"
-    bench.write_text(
-        f"""
-task: {{data: digits-ve, data_options: {{num_samples: 40}}}}
-model: {{llm: {llm}, vision: {vit}}}
-optim: {{epochs: 1, batch_size: 8, lr: 1.0e-3, head_lr_scale: 1.0}}
-feature_cache: false
-plots: false
-"""
-    )
+    bench = _digits_benchmark(tmp_path, num_samples=40)
     text = tmp_path / "text.yaml"
     text.write_text("method: text\n")
     plain = CompareConfig(
@@ -147,10 +144,6 @@ def test_shipped_defaults_win_the_committed_accuracy_table():
     Every ablation changes one thing from the reference row form-gated (the table configs' gated
     form and paper layers); the default of each choice is the variant with the best mean rank.
     """
-    import yaml
-
-    from mmtune import MiTConfig
-
     root = Path(__file__).resolve().parents[1]
     rows = json.loads((root / "benchmarks/results/accuracy/accuracy.json").read_text())["rows"]
     base = yaml.safe_load((root / "configs/table/digits-ve.yaml").read_text())["mit"]
