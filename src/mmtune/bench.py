@@ -46,10 +46,10 @@ import torch
 from torch import nn
 
 from mmtune._version import __version__
-from mmtune.methods.base import atomic_write
 from mmtune.methods.concat import PeftAdapterConfig, TokenProjector, inject_peft
 from mmtune.methods.mit import MiTConfig, MiTModel, inject_mit
 from mmtune.models.shapes import SHAPES, shape_config
+from mmtune.utils.io import atomic_write
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "plot_bench", "run_bench"]
 

@@ -17,13 +17,13 @@ from mmtune.bench import BENCH_METHODS, BenchConfig
 from mmtune.compare import CompareConfig
 from mmtune.demo import SmokeDemoConfig, run_smoke_demo
 from mmtune.instruct import Method as InstructMethod
-from mmtune.methods.base import atomic_write
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
 from mmtune.methods.mrt import MRTConfig
 from mmtune.models.lmm import LMMConfig
 from mmtune.pipeline import TaskConfig
 from mmtune.train import Method, ModelConfig, OptimConfig, TrainConfig
+from mmtune.utils.io import atomic_write
 
 DEMO_CONFIGS = ("shapes-ref", "digits-ve", "movie-sentiment")
 
@@ -260,6 +260,7 @@ def train(
     output_dir: str = "runs/train",
     seed: int = 0,
     resume: bool = False,
+    overwrite: bool = False,
     cache_lower_layers: bool = True,
     feature_cache: bool = True,
     keep_checkpoints: int = 2,
@@ -281,6 +282,7 @@ def train(
         output_dir=output_dir,
         seed=seed,
         resume=resume,
+        overwrite=overwrite,
         cache_lower_layers=cache_lower_layers,
         feature_cache=feature_cache,
         keep_checkpoints=keep_checkpoints,
@@ -313,15 +315,17 @@ def evaluate(run: Path, split: str = "test") -> None:
         run: the run's output_dir.
         split: which split to score.
     """
-    from mmtune.evaluate import evaluate_run
+    from mmtune.evaluate import evaluate_run, write_eval
 
-    result = evaluate_run(run, split)
+    result = evaluate_run(run, split, write=False)
     m = result["metrics"]
     print(
         f"{run} on {split}: "
         + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "num_samples")
-        + f" (n = {m['num_samples']})"
+        + f" (n = {m['num_samples']})",
+        flush=True,
     )
+    write_eval(run, result)  # after the metrics are shown: a read-only run dir loses nothing
 
 
 def predict(
@@ -715,12 +719,70 @@ def version() -> None:
     print(__version__)
 
 
+def _error_line(e: BaseException) -> str:
+    """``<file or field>: <what is wrong>`` for a user-caused error."""
+    import errno
+
+    import yaml
+
+    if isinstance(e, OSError) and e.filename is not None:
+        what = e.strerror or str(e)
+        if e.errno == errno.ENOSPC:
+            what = "no space left on device (free some space, or choose another output_dir)"
+        return f"{e.filename}: {what}"
+    if isinstance(e, yaml.YAMLError):
+        return str(e).replace("\n", " ")
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    return str(e)
+
+
+def _check_yaml_files(argv: list[str]) -> None:
+    """Parse every ``--config FILE`` first, so a YAML error names the file and line."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        p = Path(path)
+        if not p.is_file():
+            continue  # jsonargparse says so, or it is an inline YAML string
+        try:
+            yaml.safe_load(p.read_text(encoding="utf8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 text ({e.reason})") from e
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(p)
+            problem = getattr(e, "problem", None) or str(e)
+            raise ValueError(f"{where}: not valid YAML ({problem})") from e
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; a user-caused error prints ``mmtune: error: <where>: <what>`` and exits 2.
+
+    ``--debug`` (anywhere) or ``MMTUNE_DEBUG=1`` shows the traceback instead.
+    """
+    import os
+
+    import yaml
+    from safetensors import SafetensorError
+
+    from mmtune.training.rundir import RunLockedError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MMTUNE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if len(argv) >= 2 and argv[0] == "train" and not argv[1].startswith("-"):
         argv.insert(1, "--config")  # `mmtune train CONFIG.yaml --key=value ...`
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs in --help
+    user_errors = (ValueError, OSError, KeyError, yaml.YAMLError, SafetensorError, RunLockedError)
     try:
+        _check_yaml_files(argv)
         auto_cli(
             {
                 "demo": demo,
@@ -746,9 +808,11 @@ def main(argv: list[str] | None = None) -> None:
             args=argv,
             as_positional=True,  # required arguments (a data path) are positional
         )
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what is wrong, no traceback
-        print(f"mmtune: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
+    except user_errors as e:  # bad input: one line, no traceback (unless --debug)
+        if debug:
+            raise
+        print(f"mmtune: error: {_error_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

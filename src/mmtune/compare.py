@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from mmtune.methods.base import atomic_write
+from mmtune.utils.io import atomic_write
 
 __all__ = ["Cell", "CompareConfig", "mean_ranks", "plan", "report", "run_compare"]
 

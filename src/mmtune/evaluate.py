@@ -1,14 +1,16 @@
 """Evaluate a finished run on any split, and predict on one input, from ``RUN_DIR/final``.
 
 A run directory holds ``final/config.json`` (the TrainConfig), ``final/spec.json`` (what the
-data decided: task, widths, class names, preprocessing) and ``final/trainable.safetensors``
-(every trainable tensor: infusion, head, sequence encoders). The frozen models are reloaded from
+data decided: task, widths, class names, preprocessing), ``final/trainable.safetensors``
+(every trainable tensor: infusion, head, sequence encoders) and ``final/manifest.json`` (the
+SHA-256 of the three, checked before anything is read). The frozen models are reloaded from
 their own sources, so a run directory stays a few MB.
 """
 
 from __future__ import annotations
 
-import json
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,6 @@ from mmtune.encoders.images import ImagePreprocess, to_rgb_array
 from mmtune.encoders.sequence import SequenceEncoderConfig
 from mmtune.encoders.vision import load_vision_encoder
 from mmtune.heads import SegmentationDecoderConfig
-from mmtune.methods.base import atomic_write
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
 from mmtune.models.llm import load_llm
@@ -33,37 +34,41 @@ from mmtune.train import (
     evaluate_split,
     load_trainable,
     make_model,
+    verify_final,
 )
+from mmtune.utils.io import atomic_write, read_json, write_json
 
-__all__ = ["evaluate_run", "load_config", "load_run", "predict"]
+__all__ = ["evaluate_run", "load_config", "load_run", "predict", "write_eval"]
 
 
 def load_config(run: str | Path) -> TrainConfig:
-    path = Path(run) / "final" / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; is {run} a finished mmtune run?")
-    raw = json.loads(path.read_text())
-    model = dict(raw["model"])
-    model["sequence"] = SequenceEncoderConfig(**model["sequence"])
-    model["decoder"] = SegmentationDecoderConfig(**model["decoder"])
-    return TrainConfig(
-        **{
-            **raw,
-            "task": TaskConfig(**raw["task"]),
-            "model": ModelConfig(**model),
-            "mit": MiTConfig(**raw["mit"]),
-            "concat": ConcatConfig(**raw.get("concat", {})),
-            "peft": PeftAdapterConfig(**raw.get("peft", {})),
-            "optim": OptimConfig(**raw["optim"]),
-        }
-    )
+    """The TrainConfig of a finished run, after checking ``final/``'s manifest."""
+    path = verify_final(Path(run)) / "config.json"
+    raw = read_json(path, "run config")
+    try:
+        model = dict(raw["model"])
+        model["sequence"] = SequenceEncoderConfig(**model["sequence"])
+        model["decoder"] = SegmentationDecoderConfig(**model["decoder"])
+        return TrainConfig(
+            **{
+                **raw,
+                "task": TaskConfig(**raw["task"]),
+                "model": ModelConfig(**model),
+                "mit": MiTConfig(**raw["mit"]),
+                "concat": ConcatConfig(**raw.get("concat", {})),
+                "peft": PeftAdapterConfig(**raw.get("peft", {})),
+                "optim": OptimConfig(**raw["optim"]),
+            }
+        )
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a TrainConfig of this mmtune version ({e})") from e
 
 
 def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any], TaskModel]:
     """(config, spec, task model with trained weights) of a finished run, without its data."""
     run = Path(run)
     cfg = load_config(run)
-    spec = json.loads((run / "final" / "spec.json").read_text())
+    spec = read_json(run / "final" / "spec.json", "run spec")
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     llm, tokenizer = load_llm(
         cfg.model.llm, dtype=dtype, attn_implementation=cfg.model.attn_implementation
@@ -74,8 +79,9 @@ def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any], TaskModel]:
     return cfg, spec, model.eval()
 
 
-def evaluate_run(run: str | Path, split: str = "test") -> dict[str, Any]:
-    """Score a finished run on a split of its data; writes ``eval-<split>.json`` in the run."""
+def evaluate_run(run: str | Path, split: str = "test", write: bool = True) -> dict[str, Any]:
+    """Score a finished run on a split of its data; with ``write``, also writes
+    ``eval-<split>.json`` in the run (see :func:`write_eval`)."""
     from accelerate import Accelerator
 
     run = Path(run)
@@ -93,9 +99,14 @@ def evaluate_run(run: str | Path, split: str = "test") -> dict[str, Any]:
     )
     result.pop("rows")
     result["split"] = split
-    with atomic_write(run / f"eval-{split}.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    if write:
+        write_eval(run, result)
     return result
+
+
+def write_eval(run: str | Path, result: dict[str, Any]) -> Path:
+    """Write an evaluation result as ``RUN/eval-<split>.json``."""
+    return write_json(Path(run) / f"eval-{result['split']}.json", result)
 
 
 @torch.no_grad()
@@ -106,9 +117,27 @@ def predict(
     frames: str | Path | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """One input through a finished run: a class, a mask (saved as an overlay PNG) or a score."""
+    """One input through a finished run: a class, a mask (saved as an overlay PNG) or a score.
+
+    An input the run does not read (an image for a sentiment run, frames for an image run or
+    a text-only one) is named in a warning and ignored.
+    """
+    if out is not None and Path(out).is_dir():
+        raise IsADirectoryError(21, "is a directory; --out names the overlay PNG file", str(out))
+    if not str(text).strip():
+        raise ValueError("text: empty; give the expression, hypothesis, title or sentence")
     cfg, spec, model = load_run(run)
     task = spec["task"]
+    reads_frames = task == "sentiment" and (
+        model.frames is not None or model.projector is not None
+    )
+    if image is not None and task == "sentiment":
+        warnings.warn(f"--image {image}: a sentiment run reads no image; ignored", stacklevel=2)
+    if frames is not None and not reads_frames:
+        warnings.warn(
+            f"--frames {frames}: this {task} run reads no frames; ignored", stacklevel=2
+        )
+        frames = None
     item: dict[str, Any] = {
         "id": "input",
         ("expression" if task == "segmentation" else "text"): text,
@@ -124,11 +153,9 @@ def predict(
         for i, level in enumerate(feats.levels):
             item[f"level{i}"] = level[0]
     elif frames is not None:
-        data = np.load(frames)
-        for m in model.config.modalities:
-            if m not in data:
-                raise ValueError(f"{frames}: no array {m!r} (has {list(data)})")
-            item[m], item[f"{m}_length"] = data[m].astype(np.float32), len(data[m])
+        data = _read_frames(Path(frames), model.config.modalities)
+        for m, arr in data.items():
+            item[m], item[f"{m}_length"] = arr, len(arr)
     elif model.frames is not None or (task == "sentiment" and model.projector is not None):
         raise ValueError(f"this run reads {model.config.modalities} frames: pass --frames FILE.npz")
     batch = collate([item], task, spec.get("pixel_size"))
@@ -151,3 +178,32 @@ def predict(
     with atomic_write(out) as tmp:
         Image.fromarray(overlay.clip(0, 255).astype(np.uint8)).save(tmp, format="PNG")
     return {"mask_pixels": int(mask.sum()), "overlay": str(out)}
+
+
+def _read_frames(path: Path, modalities: list[str]) -> dict[str, np.ndarray]:
+    """The (T, width) frame arrays of an .npz file; errors name the file and the array."""
+    if not path.is_file():
+        raise FileNotFoundError(2, "no such file (--frames, an .npz)", str(path))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            arrays = {m: data[m] for m in modalities if m in data.files}
+            names = list(data.files)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz of frame arrays ({e})") from e
+    out = {}
+    for m in modalities:
+        if m not in arrays:
+            raise ValueError(f"{path}: no array {m!r} (has {names})")
+        arr = arrays[m]
+        if arr.ndim != 2 or len(arr) == 0 or not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(
+                f"{path}: array {m!r} must be numeric (frames, width) with >= 1 frame; got "
+                f"{arr.dtype} {arr.shape}"
+            )
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{path}: array {m!r} holds NaN or infinite values (or overflows)")
+        out[m] = arr
+    return out

@@ -71,7 +71,8 @@ class TaskConfig:
     prompt: str | None = None
     """Prompt template; default: the task's entry in DEFAULT_PROMPTS."""
     max_length: int = 48
-    """Longest prompt in tokens (longer prompts are cut from the left)."""
+    """Longest prompt in tokens. A longer one keeps the template whole and the start of the
+    user text: the text is cut at its end (one warning per run gives the count)."""
     modalities: list[str] = field(default_factory=lambda: ["audio", "vision"])
     """Sentiment only: frame modalities encoded into I (empty: text only, no infusion)."""
     bce_weight: float = 0.5
@@ -216,12 +217,52 @@ class TaskModel(nn.Module):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # the last real token sits at position T - 1
-        tokenizer.truncation_side = "left"  # long prompts keep their task suffix
+        tokenizer.truncation_side = "right"  # prompts are fitted first (fit_prompts)
 
     # ------------------------------------------------------------------ text
     def prompts(self, batch: dict[str, Any]) -> list[str]:
         field_name = "expression" if self.task == "segmentation" else "text"
-        return [self.prompt(**{self.prompt_field: t}) for t in batch[field_name]]
+        return self.fit_prompts(batch[field_name])[0]
+
+    def fit_prompts(self, texts: list[str]) -> tuple[list[str], int]:
+        """(prompts, how many were cut): each text in the template, within ``max_length``
+        tokens. A too long prompt keeps the whole template and the start of its text: the
+        text is cut at its end, so the statement's own first words always survive."""
+        prompts = [self.prompt(**{self.prompt_field: t}) for t in texts]
+        lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        cut = 0
+        for i, n in enumerate(lengths):
+            if n > self.config.max_length:
+                prompts[i] = self._cut(str(texts[i]).strip(), n)
+                cut += 1
+        return prompts, cut
+
+    def _cut(self, text: str, length: int) -> str:
+        limit = self.config.max_length
+        if getattr(self.tokenizer, "is_fast", False):
+            ends = [
+                e
+                for _, e in self.tokenizer(
+                    text, add_special_tokens=False, return_offsets_mapping=True
+                )["offset_mapping"]
+            ]
+        else:  # character ends of growing token prefixes
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ends = [len(self.tokenizer.decode(ids[: k + 1])) for k in range(len(ids))]
+        keep = len(ends) - (length - limit)
+        for _ in range(8):  # merges at the cut can change the count by a token or two
+            if keep <= 0:
+                break
+            prompt = self.prompt(**{self.prompt_field: text[: ends[keep - 1]]})
+            n = len(self.tokenizer(prompt)["input_ids"])
+            if n <= limit:
+                return prompt
+            keep -= n - limit
+        template = len(self.tokenizer(self.prompt(**{self.prompt_field: ""}))["input_ids"])
+        raise ValueError(
+            f"task.max_length {limit} leaves no room for the text: the prompt template alone "
+            f"takes {template} tokens; raise task.max_length"
+        )
 
     @property
     def prompt_field(self) -> str:
@@ -247,7 +288,15 @@ class TaskModel(nn.Module):
                 return None
             frames = {m: batch[m] for m in self.config.modalities}
             lengths = {m: batch[f"{m}_length"] for m in self.config.modalities}
-            return self.frames(frames, lengths)
+            vector = self.frames(frames, lengths)
+            bad = ~torch.isfinite(vector).all(dim=-1)
+            if bool(bad.any()):
+                ids = [batch["id"][i] for i in bad.nonzero().flatten().tolist()]
+                raise ValueError(
+                    f"samples {ids[:10]}: the encoded {'/'.join(self.config.modalities)} frames "
+                    "are NaN or infinite (frame values too large or non-finite in the data)"
+                )
+            return vector
         return batch["pooled"]
 
     def prefix_tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mmtune.methods.base import atomic_write
+from mmtune.utils.io import atomic_write
 
 __all__ = ["write_pictures"]
 

@@ -7,18 +7,25 @@ order never depends on the number of restarts. Evaluation splits a data set into
 per-rank chunks and gathers per-sample results by id, so every sample is scored exactly once.
 
 Each epoch ends with a checkpoint directory ``checkpoints/epoch-NNN`` (trainable weights,
-optimizer, scheduler, every rank's RNG state, history), built under a temporary name and renamed
-into place: ``resume`` continues from the last complete one, bit for bit on CPU.
+optimizer, scheduler, every rank's RNG state, history: safetensors + JSON under a SHA-256
+manifest, :mod:`mmtune.training.checkpoint`), built under a temporary name and renamed into
+place: ``resume`` continues from the newest intact one, bit for bit on CPU.
+
+The output directory belongs to the run (:mod:`mmtune.training.rundir`): it is checked for
+writing before any work, locked for the run's life, refused when it holds another run (unless
+``resume`` with the same settings or ``overwrite``), and the final outputs appear together.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,13 +35,12 @@ import torch
 from torch import nn
 
 from mmtune._version import __version__
-from mmtune.data import load_dataset
+from mmtune.data import DATA_FORMATS, detect_format, load_dataset
 from mmtune.data.base import DataSplits
 from mmtune.data.mini import MINI_BENCHMARKS
 from mmtune.encoders.sequence import SequenceEncoderConfig
 from mmtune.encoders.vision import encode_images, load_vision_encoder
 from mmtune.heads import SegmentationDecoderConfig
-from mmtune.methods.base import atomic_write
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig, inject_peft
 from mmtune.methods.mit import MiTConfig, MiTModel, inject_mit
 from mmtune.metrics import (
@@ -46,6 +52,22 @@ from mmtune.metrics import (
 from mmtune.models.cache import FeatureCache, content_hash
 from mmtune.models.llm import load_llm
 from mmtune.pipeline import LowerLayerCache, TaskConfig, TaskModel, collate
+from mmtune.training import checkpoint as ckpt
+from mmtune.training.rundir import (
+    RUN_FILE,
+    Finisher,
+    RunLock,
+    check_writable,
+    claim,
+    clear,
+)
+from mmtune.utils.io import (
+    load_tensors,
+    save_tensors,
+    verify_manifest,
+    write_json,
+    write_manifest,
+)
 
 __all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "evaluate_split", "load_trainable", "train"]
 
@@ -81,8 +103,8 @@ class OptimConfig:
     """The head's learning rate is lr x this (the paper: decoder lr x 0.1)."""
     epochs: int = 30
     """Passes over the training split."""
-    decay_every: int = 10
-    """Multiply the learning rates by decay_gamma every this many epochs."""
+    decay_every: int | None = 10
+    """Multiply the learning rates by decay_gamma every this many epochs (null: no decay)."""
     decay_gamma: float = 0.1
     """Step-decay factor."""
     batch_size: int = 8
@@ -97,6 +119,14 @@ class OptimConfig:
             raise ValueError("OptimConfig: epochs, batch_size and eval_batch_size must be >= 1")
         if self.lr <= 0 or self.head_lr_scale <= 0:
             raise ValueError("OptimConfig: lr and head_lr_scale must be > 0")
+        if self.decay_every is not None and self.decay_every < 1:
+            raise ValueError(
+                f"optim.decay_every must be >= 1, or null for no decay; got {self.decay_every}"
+            )
+        if not 0 < self.decay_gamma <= 1:
+            raise ValueError(f"optim.decay_gamma must be in (0, 1], got {self.decay_gamma}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0 (0: off), got {self.grad_clip}")
 
 
 Method = Literal["mit", "text", "concat", "concat_lora", "concat_ia3"]
@@ -128,13 +158,16 @@ class TrainConfig:
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
     resume: bool = False
-    """Continue from the last complete checkpoint in output_dir."""
+    """Continue the run in output_dir from its newest intact checkpoint; every setting except
+    optim.epochs must match the run's."""
+    overwrite: bool = False
+    """Replace the run already in output_dir (its results, weights and checkpoints are removed)."""
     cache_lower_layers: bool = True
     """Compute the hidden states below the first infused layer once (they do not depend on I)."""
     feature_cache: bool = True
     """Store frozen-encoder features in $MMTUNE_CACHE and reuse them across runs."""
     keep_checkpoints: int = 2
-    """How many epoch checkpoints to keep (the newest)."""
+    """How many epoch checkpoints to keep (the newest intact ones; at least 1)."""
     plots: bool = True
     """Write PNG pictures (curves, masks or scatter)."""
 
@@ -143,15 +176,49 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.method must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}"
             )
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite: choose one")
 
 
 # ----------------------------------------------------------------------------- data
 
 
+def check_options(fn: Any, options: dict[str, Any], where: str, skip: int = 0) -> None:
+    """Refuse keyword options that ``fn`` does not take, naming the unknown key and the known."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown option(s) {unknown}; {fn.__name__} takes {known or 'none'}"
+        )
+
+
 def _load_data(cfg: TaskConfig) -> DataSplits:
     if cfg.data in MINI_BENCHMARKS:
-        return MINI_BENCHMARKS[cfg.data](**cfg.data_options)
+        generator = MINI_BENCHMARKS[cfg.data]
+        check_options(generator, cfg.data_options, "task.data_options")
+        return generator(**cfg.data_options)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.data)[0]
+    if fmt in DATA_FORMATS:
+        check_options(DATA_FORMATS[fmt], cfg.data_options, "task.data_options", skip=1)
     return load_dataset(cfg.data, cfg.format, **cfg.data_options)
+
+
+def _check_ids(name: str, split: str, items: list[dict[str, Any]]) -> None:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        sid = str(item["id"])
+        if sid in seen:
+            raise ValueError(
+                f"{name}, split {split!r}: samples {seen[sid]} and {i} share the id {sid!r}; "
+                "every sample needs its own id (results are gathered by id)"
+            )
+        seen[sid] = i
 
 
 def _images(split: Any) -> list[Any]:
@@ -223,6 +290,8 @@ def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits
         start = time.perf_counter()
         hits = []
         for name, split in data.splits.items():
+            if hasattr(split, "check_image_sizes"):  # RefCOCO: masks are scored at that size
+                split.check_image_sizes()
             feats = encode_images(
                 encoder,
                 _images(split),
@@ -256,6 +325,8 @@ def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits
             }
         }
         d_modality = cfg.model.sequence.d_out * len(cfg.task.modalities)
+    for name, ds in splits.items():
+        _check_ids(data.name, name, ds.items)
     if cfg.task.max_train_samples:
         splits["train"].items = splits["train"].items[: cfg.task.max_train_samples]
         splits["train"].features = {
@@ -263,8 +334,26 @@ def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits
         }
     extra.update(task=task, d_modality=d_modality, label_names=list(data.label_names))
     model = make_model(cfg, extra, llm, tokenizer)
+    _warn_cut_prompts(model, splits)
     info["model"] = extra
     return model, splits, data, info
+
+
+def _warn_cut_prompts(model: TaskModel, splits: dict[str, _Featured]) -> None:
+    """One warning with the number of prompts whose text ``max_length`` cuts."""
+    field_name = "expression" if model.task == "segmentation" else "text"
+    cut = total = 0
+    for ds in splits.values():
+        texts = [item[field_name] for item in ds.items]
+        cut += model.fit_prompts(texts)[1]
+        total += len(texts)
+    if cut:
+        warnings.warn(
+            f"{cut} of {total} prompts are longer than task.max_length="
+            f"{model.config.max_length} tokens: their text is cut at its end (the template "
+            "and the text's start stay); raise task.max_length to keep them whole",
+            stacklevel=3,
+        )
 
 
 def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer: Any) -> TaskModel:
@@ -388,36 +477,53 @@ def _trainable(module: TaskModel) -> dict[str, torch.Tensor]:
 
 
 def load_trainable(module: nn.Module, path: Path) -> None:
-    """Copy a trainable.safetensors into ``module``; its keys must be exactly the trainable ones."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path))
+    """Copy a trainable.safetensors into ``module``; its keys and shapes must be exactly the
+    trainable ones, and its values finite."""
+    weights = load_tensors(path, "trainable weights")
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
         missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
         raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, extra {extra[:5]}")
+    wrong = [
+        f"{n}: file {tuple(w.shape)} vs model {tuple(params[n].shape)}"
+        for n, w in weights.items()
+        if w.shape != params[n].shape
+    ]
+    if wrong:
+        raise ValueError(f"{path} does not fit the model: shape mismatches {'; '.join(wrong[:5])}")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
+FINAL_FORMAT = "mmtune-final/1"
+FINAL_FILES = ("trainable.safetensors", "config.json", "spec.json")
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+def verify_final(run: Path) -> Path:
+    """``run/final`` after checking its manifest; a run saved before manifests existed loads
+    with a warning, a damaged one is refused naming the file."""
+    final = Path(run) / "final"
+    if not (final / "config.json").is_file():
+        raise FileNotFoundError(
+            2, f"no such file; is {run} a finished mmtune run?", str(final / "config.json")
+        )
+    if not (final / "manifest.json").is_file():
+        warnings.warn(
+            f"{final}: records no SHA-256 (saved by mmtune < 0.2); loading unchecked",
+            stacklevel=2,
+        )
+        return final
+    verify_manifest(final, "final model")
+    return final
 
 
-def _last_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("epoch-*") if (p / "state.pt").is_file())
-    return done[-1] if done else None
+def _write_final(final: Path, trainable: dict[str, torch.Tensor], cfg: TrainConfig, spec: dict):
+    final.mkdir(parents=True, exist_ok=True)
+    save_tensors(final / "trainable.safetensors", trainable)
+    write_json(final / "config.json", asdict(cfg))
+    write_json(final / "spec.json", spec)
+    write_manifest(final, FINAL_FILES, format=FINAL_FORMAT, mmtune_version=__version__)
 
 
 def _save_checkpoint(
@@ -428,46 +534,52 @@ def _save_checkpoint(
     epoch: int,
     history: dict,
     out: Path,
-    keep: int,
+    cfg: TrainConfig,
 ) -> None:
-    from safetensors.torch import save_file
-
     final = out / "checkpoints" / f"epoch-{epoch:03d}"
     tmp = out / "checkpoints" / f".epoch-{epoch:03d}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rank = accelerator.process_index
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ckpt.save_state(tmp, f"rng-rank{rank}", ckpt.rng_state())
     trainable = _trainable(module)
     digest = content_hash(trainable.values())  # every rank must hold the same weights
     (tmp / f"trainable-sha256-rank{rank}.txt").write_text(digest + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save(
+        digests = {(tmp / f"trainable-sha256-rank{r}.txt").read_text() for r in range(world)}
+        if len(digests) != 1:
+            raise RuntimeError(
+                f"{tmp}: the {world} processes hold different trainable weights after epoch "
+                f"{epoch}; refusing to save a checkpoint that no rank could resume exactly"
+            )
+        save_tensors(tmp / "trainable.safetensors", trainable)
+        ckpt.save_state(
+            tmp,
+            "state",
             {
                 "epoch": epoch,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "history": history,
-                "world_size": accelerator.num_processes,
+                "world_size": world,
+                "config": asdict(cfg),
             },
-            tmp / "state.pt",
         )
+        files = [p.name for p in tmp.iterdir() if p.is_file()]
+        write_manifest(tmp, files, format=ckpt.FORMAT, epoch=epoch, mmtune_version=__version__)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a checkpoint appears complete or not at all
-        for old in sorted((out / "checkpoints").glob("epoch-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        ckpt.rotate(out, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
 def _load_checkpoint(
     path: Path, accelerator: Any, module: TaskModel, optimizer: Any, scheduler: Any
 ) -> tuple[int, dict]:
-
-    state = torch.load(path / "state.pt", weights_only=False)
+    state = ckpt.load_state(path, "state")
     if state["world_size"] != accelerator.num_processes:
         raise ValueError(
             f"{path}: saved with {state['world_size']} processes, resumed with "
@@ -476,7 +588,7 @@ def _load_checkpoint(
     load_trainable(module, path / "trainable.safetensors")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(torch.load(path / f"rng-rank{accelerator.process_index}.pt", weights_only=False))
+    ckpt.set_rng_state(ckpt.load_state(path, f"rng-rank{accelerator.process_index}"))
     return state["epoch"], state["history"]
 
 
@@ -496,18 +608,41 @@ def _versions() -> dict[str, str]:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train, checkpoint every epoch, evaluate on the test split; returns the results dict."""
+    """Train, checkpoint every epoch, evaluate on the test split; returns the results dict.
+
+    Before any work the output directory is checked for writing, locked for this run, and
+    claimed (:func:`mmtune.training.rundir.claim`): a directory holding another run is refused
+    unless ``resume`` (same settings) or ``overwrite``.
+    """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    with RunLock(out, accelerator.process_index):
+        mode = claim(out, asdict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
+        accelerator.wait_for_everyone()  # every rank has decided before anything is removed
+        return _train(cfg, accelerator, out, mode, progress, start)
+
+
+def _train(
+    cfg: TrainConfig, accelerator: Any, out: Path, mode: str, progress: bool, start: float
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, splits, data, info = build(cfg)
+    if accelerator.is_main_process:  # the data and models are good: the directory is ours
+        if mode == "overwrite":
+            clear(out)
+        if mode != "resume":
+            write_json(
+                out / RUN_FILE,
+                {"config": asdict(cfg), "mmtune_version": __version__, "started": time.ctime()},
+            )
+    accelerator.wait_for_everyone()
     module = model
     model.to(accelerator.device)
     head_params = list(model.head.parameters())
@@ -519,12 +654,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             {"params": head_params, "lr": cfg.optim.lr * cfg.optim.head_lr_scale},
         ]
     )
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, cfg.optim.decay_every, cfg.optim.decay_gamma
-    )
+    if cfg.optim.decay_every is None:
+        scheduler: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, cfg.optim.decay_every, cfg.optim.decay_gamma
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
     train_ds = splits["train"]
     task = module.task
+
+    world, b = accelerator.num_processes, cfg.optim.batch_size
+    steps = len(train_ds) // (b * world)
+    if steps == 0:
+        raise ValueError(
+            f"{len(train_ds)} training samples cannot fill one global batch of "
+            f"{b} x {world} processes"
+        )
 
     lower_seconds = 0.0
     if module.lower_cache is not None:  # fixed order and batches: identical on every restart
@@ -540,24 +686,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         lower_seconds = time.perf_counter() - t0
 
     first_epoch, history = 1, {"step_loss": [], "epochs": []}
-    if cfg.resume:
-        last = _last_checkpoint(out)
-        if last is not None:
+    if mode == "resume":
+        last = ckpt.newest_intact(out)
+        if last is None:
+            warnings.warn(
+                f"{out}: no intact checkpoint to resume from; training from epoch 1", stacklevel=2
+            )
+        else:
             done, history = _load_checkpoint(last, accelerator, module, optimizer, scheduler)
             first_epoch = done + 1
+
     writer = None
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tensorboard"))
 
-    world, b = accelerator.num_processes, cfg.optim.batch_size
-    steps = len(train_ds) // (b * world)
-    if steps == 0:
-        raise ValueError(
-            f"{len(train_ds)} training samples cannot fill one global batch of "
-            f"{b} x {world} processes"
-        )
     train_seconds = 0.0
     model.train()
     for epoch in range(first_epoch, cfg.optim.epochs + 1):
@@ -611,9 +755,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if writer is not None:
             for k, v in val["metrics"].items():
                 writer.add_scalar(f"val/{k}", v, epoch)
-        _save_checkpoint(
-            accelerator, module, optimizer, scheduler, epoch, history, out, cfg.keep_checkpoints
-        )
+        _save_checkpoint(accelerator, module, optimizer, scheduler, epoch, history, out, cfg)
 
     test = evaluate_split(
         model,
@@ -653,27 +795,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "config": asdict(cfg),
     }
     if accelerator.is_main_process:
+        if writer is not None:
+            writer.close()
+        finish = Finisher(out)  # built aside, moved into place together, results.json last
         rows = [{k: v for k, v in r.items() if k != "mask"} for r in test["rows"]]
-        with atomic_write(out / f"predictions-{cfg.task.test_split}.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        final = out / "final"
-        final.mkdir(exist_ok=True)
-        from safetensors.torch import save_file
-
-        with atomic_write(final / "trainable.safetensors") as tmp:
-            save_file(_trainable(module), str(tmp))
-        with atomic_write(final / "config.json") as tmp:
-            tmp.write_text(json.dumps(asdict(cfg), indent=2, default=str))
-        with atomic_write(final / "spec.json") as tmp:
-            tmp.write_text(json.dumps(info["model"], indent=2, default=str))
+        predictions = finish.stage / f"predictions-{cfg.task.test_split}.jsonl"
+        predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write_final(finish.stage / "final", _trainable(module), cfg, info["model"])
         if cfg.plots:
             from mmtune.report import write_pictures
 
-            results["pictures"] = write_pictures(out, task, history, test, splits, data, cfg)
-        with atomic_write(out / "results.json") as tmp:
-            tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        if writer is not None:
-            writer.close()
+            drawn = write_pictures(finish.stage, task, history, test, splits, data, cfg)
+            results["pictures"] = {k: str(out / Path(v).name) for k, v in drawn.items()}
+        write_json(finish.stage / "results.json", results)
+        finish.commit()
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -270,7 +270,7 @@ def _mmsa(path: Path, audio_width: int = 5, vision_width: int = 20, n: int = 4) 
             "audio": audio,
             "vision": rng.normal(size=(n, 5, vision_width)).astype(np.float32),
             "regression_labels": np.array([-3.0, -0.4, 0.0, 2.6][:n], dtype=np.float32),
-            "audio_lengths": [6, 3, 1, 0][:n],
+            "audio_lengths": [6, 3, 1, 2][:n],
             "vision_lengths": [5, 5, 2, 1][:n],
             "id": [f"vid_{i}" for i in range(n)],
         }
@@ -282,7 +282,7 @@ def test_mmsa_mosi_schema_and_inf_replacement(tmp_path):
     path = tmp_path / "unaligned_50.pkl"
     _mmsa(path)
     before = _sha(path)
-    with pytest.warns(UserWarning, match="3 non-finite audio/vision values replaced with 0"):
+    with pytest.warns(UserWarning, match="3 non-finite audio values replaced with 0"):
         data = load_dataset(path)
     assert data.name.startswith("mmsa (mosi") and data.sizes() == {
         "train": 4,

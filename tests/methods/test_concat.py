@@ -80,9 +80,12 @@ class _WordTokenizer:
 
     pad_token, eos_token = "<pad>", "<pad>"
     padding_side = truncation_side = "left"
+    is_fast = False
 
-    def __call__(self, texts, return_tensors, padding, truncation, max_length):
-        rows = [[3 + (sum(map(ord, w)) % 90) for w in t.split()][-max_length:] for t in texts]
+    def __call__(self, texts, return_tensors=None, padding=False, truncation=False, max_length=None):
+        rows = [[3 + (sum(map(ord, w)) % 90) for w in t.split()][:max_length] for t in texts]
+        if return_tensors is None:  # lengths only (TaskModel.fit_prompts)
+            return {"input_ids": rows}
         width = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)

@@ -38,38 +38,46 @@ def require_fields(record: dict[str, Any], fields: tuple[str, ...], where: str) 
         raise ValueError(f"{where}: missing field(s) {missing}")
 
 
-# Globals a data pickle may name: containers and numpy arrays, never code.
-_ALLOWED = {
-    ("builtins", name)
-    for name in (
-        "list",
-        "dict",
-        "tuple",
-        "set",
-        "frozenset",
-        "str",
-        "bytes",
-        "int",
-        "float",
-        "complex",
-        "bool",
-        "bytearray",
-        "slice",
-    )
-} | {
-    ("collections", "OrderedDict"),
-    ("collections", "defaultdict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "float32"),
-    ("numpy", "float64"),
-    ("numpy", "int64"),
-    ("numpy", "int32"),
-}
+# Globals a data pickle may name: containers and numpy arrays, never code. Exact (module, name)
+# pairs only: no prefix rule and no dotted name, since protocol 4 resolves ``a.b.c`` attribute
+# chains (``numpy.dtypes`` + ``__builtins__.get`` reaches ``eval``).
+_ALLOWED = frozenset(
+    {
+        ("builtins", name)
+        for name in (
+            "list",
+            "dict",
+            "tuple",
+            "set",
+            "frozenset",
+            "str",
+            "bytes",
+            "int",
+            "float",
+            "complex",
+            "bool",
+            "bytearray",
+            "slice",
+        )
+    }
+    | {
+        ("collections", "OrderedDict"),
+        ("collections", "defaultdict"),
+        ("_codecs", "encode"),  # bytes in protocol 0-2 pickles written by Python 3
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "float32"),
+        ("numpy", "float64"),
+        ("numpy", "int64"),
+        ("numpy", "int32"),
+    }
+)
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -78,7 +86,11 @@ class SafeUnpickler(pickle.Unpickler):
     source = "pickle"
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED or module.startswith("numpy.dtypes"):
+        import _compat_pickle  # Python 2 names (__builtin__.set), as the unpickler maps them
+
+        wanted = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        wanted = (_compat_pickle.IMPORT_MAPPING.get(wanted[0], wanted[0]), wanted[1])
+        if wanted in _ALLOWED:  # exact pairs, none dotted: no attribute chains
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"{self.source}: refers to {module}.{name}, which a data file has no reason to "
@@ -100,7 +112,7 @@ def load_pickle(path: str | Path, what: str) -> Any:
         return load()
     except UnicodeDecodeError:  # a Python 2 pickle holding non-ASCII byte strings
         return _utf8_fix(load(encoding="latin1"))
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, ImportError, AttributeError) as e:
         raise ValueError(f"{path}: not a readable {what} pickle ({e})") from e
 
 

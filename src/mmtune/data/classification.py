@@ -61,6 +61,24 @@ def _describe(label_names: list[str]):
     return describe
 
 
+def _text(value: Any, where: str, field: str) -> str:
+    """A sample's text: a non-empty string, else an error naming the place and field."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: field {field!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _unique_ids(records: list[dict[str, Any]], path: Path) -> None:
+    seen: dict[str, Any] = {}
+    for r in records:
+        if r["id"] in seen:
+            raise ValueError(
+                f"{path}: lines {seen[r['id']]} and {r['line']} share the id {r['id']!r} "
+                "(each pair needs its own id: results are matched by it)"
+            )
+        seen[r["id"]] = r["line"]
+
+
 def _snli_file(path: Path, image_dir: Path) -> list[dict[str, Any]]:
     records = []
     for lineno, r in read_jsonl(path):
@@ -80,12 +98,14 @@ def _snli_file(path: Path, image_dir: Path) -> list[dict[str, Any]]:
         records.append(
             {
                 "id": str(r.get("pairID", f"{path.stem}:{lineno}")),
-                "text": r["sentence2"],
+                "line": lineno,
+                "text": _text(r["sentence2"], where, "sentence2"),
                 "premise": r.get("sentence1"),
                 "label": SNLI_VE_LABELS.index(label),
                 "image_path": image_dir / f"{image_id}.jpg",
             }
         )
+    _unique_ids(records, path)
     return records
 
 
@@ -126,17 +146,20 @@ def _food_csv(path: Path, image_root: Path, split: str) -> list[dict[str, Any]]:
             image, title, cls = (x.strip() for x in row)
             if not cls:
                 raise ValueError(f"{path}, line {lineno}: empty class name")
+            _text(title, f"{path}, line {lineno}", "title")
             image_path = Path(image)
             if not image_path.is_absolute():
                 image_path = image_root / split / cls / image_path.name
             records.append(
                 {
-                    "id": f"{split}:{image_path.name}",
+                    "id": f"{split}:{cls}/{image_path.name}",
+                    "line": lineno,
                     "text": title,
                     "class": cls,
                     "image_path": image_path,
                 }
             )
+    _unique_ids(records, path)
     return records
 
 
@@ -149,11 +172,13 @@ def _food_mmbt(path: Path, folder: Path) -> list[dict[str, Any]]:
         records.append(
             {
                 "id": str(r["id"]),
-                "text": r["text"],
+                "line": lineno,
+                "text": _text(r["text"], f"{path}, line {lineno}", "text"),
                 "class": str(r["label"]),
                 "image_path": folder / r["img"],
             }
         )
+    _unique_ids(records, path)
     return records
 
 

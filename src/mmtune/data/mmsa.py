@@ -5,7 +5,9 @@ d_v), "regression_labels": (N,), "audio_lengths": [N], "vision_lengths": [N], "i
 Widths: MOSI text 768 / audio 5 / vision 20, MOSEI 768 / 74 / 35. Labels lie in [-3, 3].
 
 The file is only read. Non-finite audio or vision values (MMSA's audio holds -inf) are replaced
-with 0 in memory, and the count is reported once in a warning.
+with 0 in memory, and the count is reported once in a warning per modality; a modality whose
+values are mostly non-finite in a split is refused (there is nothing left to learn from). Empty
+texts, duplicate ids and zero-length frame sequences are refused, naming split and sample.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def load_mmsa(path: str | Path, dataset: str | None = None) -> DataSplits:
         raise ValueError(f"{path}: expected a dict of splits, got {type(data).__name__}")
     splits: dict[str, SentimentDataset] = {}
     widths: dict[str, int] | None = None
-    replaced = 0
+    replaced: dict[str, int] = {}
     for split in ("train", "valid", "test"):
         if split not in data:
             raise ValueError(f"{path}: missing split {split!r} (has {sorted(data)})")
@@ -87,6 +89,13 @@ def load_mmsa(path: str | Path, dataset: str | None = None) -> DataSplits:
                 f"{where}: regression_labels[{bad}] = {labels[bad]} is outside [-3, 3]"
             )
         d["regression_labels"] = labels
+        for i, text in enumerate(d["raw_text"]):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{where}: raw_text[{i}] is empty ({text!r})")
+        ids = [str(x) for x in d["id"]]
+        if len(set(ids)) != n:
+            dup = next(x for x in ids if ids.count(x) > 1)
+            raise ValueError(f"{where}: id {dup!r} appears more than once")
         these = {}
         for m in ("audio", "vision"):
             arr = np.asarray(d[m], dtype=np.float32)
@@ -95,9 +104,22 @@ def load_mmsa(path: str | Path, dataset: str | None = None) -> DataSplits:
             lengths = np.asarray(d[f"{m}_lengths"])
             if (lengths < 0).any() or (lengths > arr.shape[1]).any():
                 raise ValueError(f"{where}: {m}_lengths outside [0, {arr.shape[1]}]")
+            if (lengths == 0).any():
+                i = int(np.flatnonzero(lengths == 0)[0])
+                raise ValueError(
+                    f"{where}: {m}_lengths[{i}] is 0 (sample id {ids[i]!r}): a sample needs at "
+                    f"least one {m} frame"
+                )
             bad = ~np.isfinite(arr)
             if bad.any():
-                replaced += int(bad.sum())
+                share = float(bad.mean())
+                if share > 0.5:
+                    raise ValueError(
+                        f"{where}: field {m!r} is {100 * share:.0f}% NaN or infinite; the "
+                        f"{m} modality carries no usable signal (drop it from task.modalities "
+                        "or fix the file)"
+                    )
+                replaced[m] = replaced.get(m, 0) + int(bad.sum())
                 arr = np.where(bad, np.float32(0), arr)
             d[m] = arr
             these[m] = arr.shape[2]
@@ -115,10 +137,8 @@ def load_mmsa(path: str | Path, dataset: str | None = None) -> DataSplits:
         raise ValueError(
             f"{path}: feature widths {widths} are not {dataset.upper()}'s {MMSA_WIDTHS[dataset]}"
         )
-    if replaced:
-        warnings.warn(
-            f"{path}: {replaced} non-finite audio/vision values replaced with 0", stacklevel=2
-        )
+    for m, count in replaced.items():
+        warnings.warn(f"{path}: {count} non-finite {m} values replaced with 0", stacklevel=2)
 
     def describe(item: dict[str, Any]) -> dict[str, Any]:
         return {

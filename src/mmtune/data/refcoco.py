@@ -35,8 +35,16 @@ SPLITS = ("train", "val", "testA", "testB", "test")
 def annotation_mask(segmentation: Any, height: int, width: int, where: str = "annotation"):
     """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) -> bool (H, W)."""
     if isinstance(segmentation, list):
-        if not segmentation or any(len(p) < 6 or len(p) % 2 for p in segmentation):
+        if not segmentation or any(
+            not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in segmentation
+        ):
             raise ValueError(f"{where}: polygons need an even number >= 6 of coordinates")
+        try:
+            coords = np.asarray([c for p in segmentation for c in p], dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: polygon coordinates must be numbers ({e})") from None
+        if not np.isfinite(coords).all():
+            raise ValueError(f"{where}: polygon coordinates hold NaN or infinite values")
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))  # union
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
         rle = mask_utils.frPyObjects(segmentation, height, width)
@@ -44,7 +52,13 @@ def annotation_mask(segmentation: Any, height: int, width: int, where: str = "an
         rle = segmentation
     else:
         raise ValueError(f"{where}: 'segmentation' is neither polygons nor RLE")
-    return mask_utils.decode(rle).astype(bool)
+    mask = mask_utils.decode(rle).astype(bool)
+    if not mask.any():
+        raise ValueError(
+            f"{where}: the segmentation covers no pixel of the {width}x{height} image "
+            "(a degenerate polygon or an empty RLE); nothing to segment"
+        )
+    return mask
 
 
 class RefCOCODataset(Dataset):
@@ -64,6 +78,29 @@ class RefCOCODataset(Dataset):
 
     def image_path(self, i: int) -> Path:
         return self.image_dir / self.images[self.samples[i]["image_id"]]["file_name"]
+
+    def check_image_sizes(self) -> None:
+        """Every image file's size equals its ``instances.json`` entry (headers only)."""
+        from PIL import Image, UnidentifiedImageError
+
+        checked: set[int] = set()
+        for i, s in enumerate(self.samples):
+            if s["image_id"] in checked:
+                continue
+            path, info = self.image_path(i), self.images[s["image_id"]]
+            try:
+                with Image.open(path) as im:
+                    width, height = im.size
+            except FileNotFoundError:
+                raise FileNotFoundError(2, "no such image file", str(path)) from None
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"{path}: cannot decode as an image ({e})") from e
+            if (width, height) != (info["width"], info["height"]):
+                raise ValueError(
+                    f"{path}: image is {width}x{height} but instances.json says "
+                    f"{info['width']}x{info['height']}; masks would not line up"
+                )
+            checked.add(s["image_id"])
 
     def mask(self, i: int) -> np.ndarray:
         s = self.samples[i]
@@ -140,6 +177,11 @@ def load_refcoco(
             raise ValueError(f"{where}: no sentences")
         for j, sent in enumerate(sentences):
             require_fields(sent, ("sent",), f"{where}, sentences[{j}]")
+            if not isinstance(sent["sent"], str) or not sent["sent"].strip():
+                raise ValueError(
+                    f"{where}, sentences[{j}]: field 'sent' must be a non-empty string, "
+                    f"got {sent['sent']!r}"
+                )
         chosen = [rng.choice(sentences)] if one_sentence_per_ref else sentences
         for j, sent in enumerate(chosen):
             by_split.setdefault(ref["split"], []).append(

@@ -4,7 +4,9 @@ An adapter directory holds exactly two files:
 
 - ``adapter.safetensors``: the method's own tensors, keyed as in the wrapper's ``state_dict``;
 - ``adapter_config.json``: ``{"method", "mmtune_version", "base_model", "base_model_type",
-  "config"}``, where ``config`` is the method's config dataclass as a dict.
+  "config", "sha256"}``, where ``config`` is the method's config dataclass as a dict and
+  ``sha256`` records the digest of ``adapter.safetensors`` and of the rest of this JSON
+  (canonical form: sorted keys), so a flipped byte or an edited config is refused on load.
 
 Both are written to a temporary file in the same directory and renamed into place, so an
 interrupted save never leaves a half-written file under the final name.
@@ -12,21 +14,26 @@ interrupted save never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmtune._version import __version__
+from mmtune.utils.io import (
+    IntegrityError,
+    atomic_write,
+    file_sha256,
+    load_tensors,
+    read_json,
+    save_tensors,
+)
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -72,21 +79,6 @@ def count_parameters(module: nn.Module) -> ParameterCount:
     return ParameterCount(trainable=trainable, total=total)
 
 
-@contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def base_model_id(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
@@ -111,11 +103,44 @@ def write_adapter(
         "base_model_type": getattr(getattr(base_model, "config", None), "model_type", None),
         "config": config,
     }
-    with atomic_write(directory / ADAPTER_WEIGHTS_NAME) as tmp:
-        save_file(weights, str(tmp), metadata={"format": "pt", "method": method})
+    save_tensors(
+        directory / ADAPTER_WEIGHTS_NAME, weights, metadata={"format": "pt", "method": method}
+    )
+    meta["sha256"] = {
+        ADAPTER_WEIGHTS_NAME: file_sha256(directory / ADAPTER_WEIGHTS_NAME),
+        "config": _meta_digest(meta),
+    }
     with atomic_write(directory / ADAPTER_CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of an adapter config without its ``sha256`` field, in canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _verify_adapter(meta: dict[str, Any], config_path: Path, weights_path: Path) -> None:
+    recorded = meta.get("sha256")
+    if recorded is None:
+        warnings.warn(
+            f"{config_path}: records no SHA-256 (saved by mmtune < 0.2?); loading it unchecked",
+            stacklevel=3,
+        )
+        return
+    if not isinstance(recorded, dict):
+        raise IntegrityError(f"{config_path}: field 'sha256' must be an object")
+    if recorded.get("config") != _meta_digest(meta):
+        raise IntegrityError(
+            f"{config_path}: its contents differ from the SHA-256 recorded when it was saved "
+            "(the file was edited or damaged)"
+        )
+    if recorded.get(ADAPTER_WEIGHTS_NAME) != file_sha256(weights_path):
+        raise IntegrityError(
+            f"{weights_path}: SHA-256 differs from the one recorded in {config_path} "
+            "(the file was changed or damaged)"
+        )
 
 
 def read_adapter(
@@ -131,10 +156,7 @@ def read_adapter(
                 f"{p}: no such file (an mmtune adapter directory holds "
                 f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})"
             )
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    meta = read_json(config_path, "adapter config")
     if not isinstance(meta, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
     for field in ("method", "config"):
@@ -146,10 +168,8 @@ def read_adapter(
         )
     if not isinstance(meta["config"], dict):
         raise ValueError(f"{config_path}: field 'config' must be an object")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+    _verify_adapter(meta, config_path, weights_path)
+    tensors = load_tensors(weights_path, "adapter weights")
     return meta, tensors
 
 

@@ -26,6 +26,8 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from mmtune.utils.io import file_sha256, umask_mode
+
 __all__ = [
     "DirectoryCache",
     "FeatureCache",
@@ -45,14 +47,6 @@ def cache_root() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("mmtune"))
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def content_hash(items: Iterable[Any]) -> str:
@@ -120,8 +114,12 @@ class DirectoryCache:
         with FileLock(str(path) + ".lock"):
             if self.is_valid(path, key):  # another process built it while we waited
                 return path, True
+            # Holding the lock, no other builder of this entry is alive: any temp dir left
+            # under its name is a killed build's.
+            for stale in self.dir.glob(f".{path.name}.*"):
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=self.dir))
-            tmp.chmod(0o755)  # mkdtemp makes it private; the entry is a shared cache
+            tmp.chmod(umask_mode(0o777))  # mkdtemp makes it 0700 whatever the umask
             try:
                 build(tmp)
                 files = {
