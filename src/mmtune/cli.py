@@ -14,7 +14,7 @@ from jsonargparse import auto_cli, set_parsing_settings
 
 from mmtune._version import __version__
 from mmtune.bench import BENCH_METHODS, BenchConfig
-from mmtune.compare import CompareConfig
+from mmtune.compare import DEFAULT_BENCHMARKS, DEFAULT_VARIANTS, CompareConfig
 from mmtune.demo import SmokeDemoConfig, run_smoke_demo
 from mmtune.instruct import Method as InstructMethod
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
@@ -414,8 +414,8 @@ def bench(
 
 
 def compare(
-    benchmarks: list[str] = CompareConfig().benchmarks,  # noqa: B008
-    variants: list[str] = CompareConfig().variants,  # noqa: B008
+    benchmarks: list[str] = list(DEFAULT_BENCHMARKS),  # noqa: B006
+    variants: list[str] = list(DEFAULT_VARIANTS),  # noqa: B006
     seeds: list[int] = [0, 1, 2],  # noqa: B006
     lrs: list[float] | None = None,
     output_dir: str = "benchmarks/results/accuracy",

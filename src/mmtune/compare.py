@@ -45,27 +45,27 @@ LOWER_IS_BETTER = {"mae", "rmse"}
 ORDER = ("text", "concat", "concat-lora", "concat-ia3", "mit")
 
 
+DEFAULT_BENCHMARKS = (
+    "configs/table/digits-ve.yaml",
+    "configs/table/shapes-ref.yaml",
+    "configs/table/movie-sentiment.yaml",
+)
+DEFAULT_VARIANTS = (
+    "configs/methods/text.yaml",
+    "configs/methods/concat.yaml",
+    "configs/methods/concat-lora.yaml",
+    "configs/methods/concat-ia3.yaml",
+    "configs/methods/mit.yaml",
+)
+
+
 @dataclass
 class CompareConfig:
     """A grid of training runs and where its table goes."""
 
-    benchmarks: list[str] = field(
-        default_factory=lambda: [
-            "configs/table/digits-ve.yaml",
-            "configs/table/shapes-ref.yaml",
-            "configs/table/movie-sentiment.yaml",
-        ]
-    )
+    benchmarks: list[str] = field(default_factory=lambda: list(DEFAULT_BENCHMARKS))
     """Task configs: each fixes the data, model and budget (epochs, batch) of its benchmark."""
-    variants: list[str] = field(
-        default_factory=lambda: [
-            "configs/methods/text.yaml",
-            "configs/methods/concat.yaml",
-            "configs/methods/concat-lora.yaml",
-            "configs/methods/concat-ia3.yaml",
-            "configs/methods/mit.yaml",
-        ]
-    )
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     """Variant configs layered on each benchmark (methods, ablations); named by file stem."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds; the first one also chooses the learning rate."""

@@ -128,15 +128,11 @@ def predict(
         raise ValueError("text: empty; give the expression, hypothesis, title or sentence")
     cfg, spec, model = load_run(run)
     task = spec["task"]
-    reads_frames = task == "sentiment" and (
-        model.frames is not None or model.projector is not None
-    )
+    reads_frames = task == "sentiment" and (model.frames is not None or model.projector is not None)
     if image is not None and task == "sentiment":
         warnings.warn(f"--image {image}: a sentiment run reads no image; ignored", stacklevel=2)
     if frames is not None and not reads_frames:
-        warnings.warn(
-            f"--frames {frames}: this {task} run reads no frames; ignored", stacklevel=2
-        )
+        warnings.warn(f"--frames {frames}: this {task} run reads no frames; ignored", stacklevel=2)
         frames = None
     item: dict[str, Any] = {
         "id": "input",

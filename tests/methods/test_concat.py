@@ -82,7 +82,9 @@ class _WordTokenizer:
     padding_side = truncation_side = "left"
     is_fast = False
 
-    def __call__(self, texts, return_tensors=None, padding=False, truncation=False, max_length=None):
+    def __call__(
+        self, texts, return_tensors=None, padding=False, truncation=False, max_length=None
+    ):
         rows = [[3 + (sum(map(ord, w)) % 90) for w in t.split()][:max_length] for t in texts]
         if return_tensors is None:  # lengths only (TaskModel.fit_prompts)
             return {"input_ids": rows}

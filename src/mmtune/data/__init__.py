@@ -63,8 +63,11 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
     elif path.suffix == ".pkl":
         return "mmsa", path
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf8") as f:
-            first = next((line for line in f if line.strip()), "{}")
+        try:
+            with open(path, encoding="utf8") as f:
+                first = next((line for line in f if line.strip()), "{}")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
         try:
             record = json.loads(first)
         except json.JSONDecodeError as e:

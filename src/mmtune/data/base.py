@@ -131,8 +131,14 @@ def _utf8_fix(obj: Any) -> Any:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) of a JSON-lines file; a bad line names file and line."""
-    with open(path, encoding="utf8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start})"
+                ) from e
             if not line.strip():
                 continue
             try:

@@ -66,6 +66,10 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         tmp_path.chmod(umask_mode())  # mkstemp makes it 0600 whatever the umask
         os.replace(tmp_path, path)
+    except OSError as e:
+        if e.filename is None:  # a write error (a full disk) names the file it was for
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
