@@ -200,15 +200,17 @@ def main() -> None:
 
     # 4. lost runs
     out = work / "twice"
-    cfg = yaml(out, epochs=6)
+    cfg = yaml(out, epochs=200)
     first = subprocess.Popen([sys.executable, "-m", "mmtune.cli", "train", str(cfg), "--quiet",
                               "true"], env=env, cwd=work, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    time.sleep(6)
+    deadline = time.time() + 120
+    while not (out / "checkpoints").is_dir() and time.time() < deadline:
+        time.sleep(0.1)  # the first run is training
     second = cli("train", cfg, "--quiet", "true", "--seed", "1")
+    first.kill()
     first.communicate()
-    record("4a two mmtune train on one output_dir at once (second)", second,
-           note=f"first exit {first.returncode}")
+    record("4a two mmtune train on one output_dir at once (second)", second)
     out = finished("done", epochs=2)
     record("4b train into a finished run dir (other seed)",
            cli("train", yaml(out, epochs=2), "--quiet", "true", "--seed", "5"))
@@ -263,6 +265,7 @@ def main() -> None:
     record("5f image 41x30, instances.json says 40x30 (train)",
            cli("train", yaml(work / "size", epochs=1), "--quiet", "true", "--task.data",
                path, "--task.data_options", "{}", "--optim.batch_size", "2"))
+    Image.new("RGB", (40, 30)).save(work / "images" / "train2014" / "a.jpg")
     path = refcoco([5.0, float("nan"), 20.0, 5.0, 20.0, 20.0])
     record("5g NaN polygon (data inspect)", cli("data", "inspect", path))
 

@@ -160,6 +160,10 @@ def _command(cell: Cell, out: Path) -> list[str]:
     cmd += ["--seed", str(cell.seed), "--output_dir", str(out), "--quiet", "true"]
     if cell.lr is not None:
         cmd += ["--optim.lr", repr(cell.lr)]
+    if (out / "run.json").is_file():  # a cell that was stopped: continue it (same settings)
+        cmd += ["--resume", "true"]
+    elif out.is_dir() and any(out.iterdir()):  # leftovers without a run file: the grid's own
+        cmd += ["--overwrite", "true"]
     return cmd
 
 

@@ -19,7 +19,6 @@ writing before any work, locked for the run's life, refused when it holds anothe
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import random
@@ -35,8 +34,8 @@ import torch
 from torch import nn
 
 from mmtune._version import __version__
-from mmtune.data import DATA_FORMATS, detect_format, load_dataset
-from mmtune.data.base import DataSplits
+from mmtune.data import load_dataset
+from mmtune.data.base import DataSplits, check_options
 from mmtune.data.mini import MINI_BENCHMARKS
 from mmtune.encoders.sequence import SequenceEncoderConfig
 from mmtune.encoders.vision import encode_images, load_vision_encoder
@@ -185,28 +184,12 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def check_options(fn: Any, options: dict[str, Any], where: str, skip: int = 0) -> None:
-    """Refuse keyword options that ``fn`` does not take, naming the unknown key and the known."""
-    params = list(inspect.signature(fn).parameters.values())[skip:]
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown option(s) {unknown}; {fn.__name__} takes {known or 'none'}"
-        )
-
-
 def _load_data(cfg: TaskConfig) -> DataSplits:
     if cfg.data in MINI_BENCHMARKS:
         generator = MINI_BENCHMARKS[cfg.data]
         check_options(generator, cfg.data_options, "task.data_options")
         return generator(**cfg.data_options)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.data)[0]
-    if fmt in DATA_FORMATS:
-        check_options(DATA_FORMATS[fmt], cfg.data_options, "task.data_options", skip=1)
-    return load_dataset(cfg.data, cfg.format, **cfg.data_options)
+    return load_dataset(cfg.data, cfg.format, where="task.data_options", **cfg.data_options)
 
 
 def _check_ids(name: str, split: str, items: list[dict[str, Any]]) -> None:

@@ -155,3 +155,17 @@ def test_keep_checkpoints_below_one_is_refused(make_config, tmp_path):
 def test_resume_and_overwrite_together_are_refused(make_config, tmp_path):
     with pytest.raises(ValueError, match="resume and overwrite: choose one"):
         make_config(tmp_path / "run", resume=True, overwrite=True)
+
+
+def test_a_compare_cell_that_was_stopped_is_resumed_not_refused(tmp_path):
+    from mmtune.compare import Cell, _command
+
+    cell = Cell("b.yaml", "v.yaml", 0, None)
+    out = tmp_path / "cell"
+    assert "--resume" not in _command(cell, out) and "--overwrite" not in _command(cell, out)
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    assert _command(cell, out)[-2:] == ["--resume", "true"]
+    (out / "run.json").unlink()
+    (out / "checkpoints").mkdir()
+    assert _command(cell, out)[-2:] == ["--overwrite", "true"]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmtune.data.base import DataSplits
+from mmtune.data.base import DataSplits, check_options
 from mmtune.data.classification import SNLI_VE_LABELS, load_food101, load_snli_ve
 from mmtune.data.mmsa import load_mmsa
 from mmtune.data.prompts import DEFAULT_PROMPTS, PromptTemplate
@@ -83,10 +83,17 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
     )
 
 
-def load_dataset(path: str | Path, format: str = "auto", **options: Any) -> DataSplits:
-    """Load a data set with the loader of ``format`` (``auto``: detected from the path)."""
+def load_dataset(
+    path: str | Path, format: str = "auto", *, where: str = "options", **options: Any
+) -> DataSplits:
+    """Load a data set with the loader of ``format`` (``auto``: detected from the path).
+
+    An option the loader does not take is refused, naming it (``where`` says where it came
+    from, e.g. ``task.data_options``).
+    """
     if format == "auto":
         format, path = detect_format(path)
     if format not in DATA_FORMATS:
         raise ValueError(f"unknown data format {format!r}; known: {', '.join(DATA_FORMATS)}")
+    check_options(DATA_FORMATS[format], options, where, skip=1)
     return DATA_FORMATS[format](path, **options)

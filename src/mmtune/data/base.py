@@ -17,11 +17,32 @@ from torch.utils.data import Dataset
 __all__ = [
     "DataSplits",
     "SafeUnpickler",
+    "check_options",
     "load_pickle",
     "read_jsonl",
     "require_fields",
     "require_file",
 ]
+
+
+def check_options(
+    fn: Callable[..., Any], options: dict[str, Any], where: str, skip: int = 0
+) -> None:
+    """Refuse keyword options that ``fn`` does not take, naming the unknown key and the known.
+
+    ``skip`` leading parameters (a loader's path) are not options.
+    """
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown option(s) {unknown}; {fn.__name__} takes {known or 'none'}"
+        )
 
 
 def require_file(path: str | Path, what: str) -> Path:
