@@ -92,6 +92,7 @@ def main() -> None:
     from tiny_assets import tiny_llm_dir, tiny_vit_dir
 
     work = Path(tempfile.mkdtemp(prefix="mmtune-cases-"))
+    repo = args.src.resolve().parent  # the CLI of older trees reads configs/ relative to it
     llm, vit = tiny_llm_dir(work / "llm"), tiny_vit_dir(work / "vit")
     env = {
         **os.environ,
@@ -115,7 +116,7 @@ def main() -> None:
     def run(argv: list, stdin: str | None = None, timeout: int = 300):
         cmd = [sys.executable, *map(str, argv)]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                           cwd=work, input=stdin)
+                           cwd=repo, input=stdin)
         return p
 
     def cli(*argv):
@@ -202,7 +203,7 @@ def main() -> None:
     out = work / "twice"
     cfg = yaml(out, epochs=200)
     first = subprocess.Popen([sys.executable, "-m", "mmtune.cli", "train", str(cfg), "--quiet",
-                              "true"], env=env, cwd=work, stdout=subprocess.PIPE,
+                              "true"], env=env, cwd=repo, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoints").is_dir() and time.time() < deadline:

@@ -302,9 +302,19 @@ def train(
         + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "num_samples")
         + f" (n = {m['num_samples']})"
     )
+    print(_reliance_line(results["reliance"]))
     print(
         f"  trained {results['train_seconds']:.0f} s on {results['processes']} process(es); "
         f"results in {config.output_dir}/results.json"
+    )
+
+
+def _reliance_line(r: dict) -> str:
+    if r["drop"] is None:
+        return f"  reliance: none (this model reads no modality); {r['metric']} {r['headline']:.4f}"
+    return (
+        f"  reliance: {r['metric']} {r['headline']:.4f} -> {r['deranged']:.4f} with each "
+        f"sample's modality from another sample (drop {r['drop']:+.4f})"
     )
 
 
@@ -325,6 +335,7 @@ def evaluate(run: Path, split: str = "test") -> None:
         + f" (n = {m['num_samples']})",
         flush=True,
     )
+    print(_reliance_line(result["reliance"]), flush=True)
     write_eval(run, result)  # after the metrics are shown: a read-only run dir loses nothing
 
 

@@ -30,10 +30,12 @@ from mmtune.train import (
     ModelConfig,
     OptimConfig,
     TrainConfig,
+    _headline,
     build,
     evaluate_split,
     load_trainable,
     make_model,
+    reliance,
     verify_final,
 )
 from mmtune.utils.io import atomic_write, read_json, write_json
@@ -91,14 +93,14 @@ def evaluate_run(run: str | Path, split: str = "test", write: bool = True) -> di
         raise ValueError(f"no split {split!r}; the data has {list(splits)}")
     model.lower_cache = None
     load_trainable(model, run / "final" / "trainable.safetensors")
-    result = evaluate_split(
-        model,
-        splits[split],
-        Accelerator(cpu=not torch.cuda.is_available()),
-        cfg.optim.eval_batch_size,
-    )
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    result = evaluate_split(model, splits[split], accelerator, cfg.optim.eval_batch_size)
     result.pop("rows")
     result["split"] = split
+    key = _headline(model.task)
+    result["reliance"] = reliance(
+        model, splits[split], accelerator, cfg.optim.eval_batch_size, {key: result["metrics"][key]}
+    )
     if write:
         write_eval(run, result)
     return result
@@ -155,7 +157,12 @@ def predict(
     elif model.frames is not None or (task == "sentiment" and model.projector is not None):
         raise ValueError(f"this run reads {model.config.modalities} frames: pass --frames FILE.npz")
     batch = collate([item], task, spec.get("pixel_size"))
-    output = model(batch)
+    try:
+        output = model(batch)
+    except ValueError as e:
+        if frames is None:
+            raise
+        raise ValueError(f"{frames}: {e}") from e  # the input the user gave
     if task == "classification":
         probs = output["logits"].softmax(-1)[0]
         k = int(probs.argmax())

@@ -24,9 +24,11 @@ from sklearn.metrics import accuracy_score, f1_score
 
 __all__ = [
     "CLASSIFICATION_CONVENTIONS",
+    "RELIANCE_CONVENTIONS",
     "SEGMENTATION_CONVENTIONS",
     "SENTIMENT_CONVENTIONS",
     "classification_metrics",
+    "derangement",
     "mask_intersection_union",
     "segmentation_metrics",
     "sentiment_metrics",
@@ -53,7 +55,40 @@ SENTIMENT_CONVENTIONS = {
     "acc7": "clip both to [-3, 3], numpy.round (halves to even), exact match",
     "acc5": "clip both to [-2, 2], numpy.round (halves to even), exact match",
 }
+RELIANCE_CONVENTIONS = {
+    "deranged": "the headline metric with each sample's modality (MiT's vector I and any image "
+    "vector the head reads, the concatenated tokens, or the frames) taken from another sample "
+    "of the split; the donor is fixed by a seeded derangement (Sattolo's algorithm, seed 0), "
+    "never the sample itself and, where the data says, never a sample of the same image",
+    "drop": "headline - deranged (deranged - headline where lower is better): how much the "
+    "model relies on the modality; ~0 means it does not use it",
+}
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def derangement(n: int, seed: int = 0, groups: Sequence[Any] | None = None) -> list[int]:
+    """donor[i] != i for every i: a seeded, uniformly random cyclic permutation (Sattolo).
+
+    With ``groups`` (e.g. image ids), donors of the same group as their sample are exchanged
+    with other samples' donors until none is left where that is possible.
+    """
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 samples, got {n}")
+    rng = np.random.default_rng(seed)
+    donor = list(range(n))
+    for i in range(n - 1, 0, -1):  # Sattolo: j < i, so the result is one n-cycle
+        j = int(rng.integers(0, i))
+        donor[i], donor[j] = donor[j], donor[i]
+    if groups is not None:
+        g = list(groups)
+        for i in range(n):
+            if g[donor[i]] != g[i]:
+                continue
+            for j in rng.permutation(n).tolist():  # swap donors with a j that stays valid
+                if g[donor[j]] != g[i] and g[donor[i]] != g[j] and donor[i] != j and donor[j] != i:
+                    donor[i], donor[j] = donor[j], donor[i]
+                    break
+    return donor
 
 
 def _as_1d(x: Any, name: str) -> np.ndarray:

@@ -309,9 +309,31 @@ class TaskModel(nn.Module):
                 steps = torch.arange(frames.shape[1], device=frames.device)
                 sources[m] = (frames, steps[None] < batch[f"{m}_length"].to(frames.device)[:, None])
         else:
-            feats = image_tokens(batch["level2"], self.concat.grid)  # (B, h*w, C)
+            level = batch.get("token_level2", batch["level2"])  # reliance: another's image
+            feats = image_tokens(level, self.concat.grid)  # (B, h*w, C)
             sources = {"image": (feats, feats.new_ones(feats.shape[:2]))}
         return self.projector(sources)
+
+    def modality_fields(self) -> dict[str, str]:
+        """Item fields that carry the modality into this model, as {target: source}.
+
+        The reliance check fills each target from another sample's source field: MiT's I and
+        the classification head's image vector (``pooled``), concatenated tokens (``level2``,
+        read through ``token_level2`` in segmentation, whose decoder keeps its own image
+        maps), or the frames. Empty when the model reads no modality (the text method).
+        """
+        if self.method == "text":
+            return {}
+        if self.task == "sentiment":
+            if self.frames is None and self.projector is None:
+                return {}
+            return {k: k for m in self.config.modalities for k in (m, f"{m}_length")}
+        fields = (
+            {"pooled": "pooled"} if self.method == "mit" or self.task == "classification" else {}
+        )
+        if self.method == "concat":
+            fields["token_level2" if self.task == "segmentation" else "level2"] = "level2"
+        return fields
 
     def _upper_layers_only(self) -> bool:
         base = self.llm.base_model if isinstance(self.llm, MiTModel) else self.llm
@@ -402,9 +424,9 @@ def collate(items: list[dict[str, Any]], task: str, pixel_size: int | None = Non
             batch[key] = [it[key] for it in items]
     if "pooled" in items[0]:
         batch["pooled"] = torch.stack([it["pooled"] for it in items])
-    for i in range(3):  # feature maps: the segmentation decoder's, or concatenated tokens
-        if f"level{i}" in items[0]:
-            batch[f"level{i}"] = torch.stack([it[f"level{i}"] for it in items])
+    for key in ("level0", "level1", "level2", "token_level2"):  # decoder maps, or tokens
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
     if task == "segmentation":
         batch["pixel_size"] = (pixel_size, pixel_size)
         if "mask" in items[0]:

@@ -383,9 +383,24 @@ def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer
 # ----------------------------------------------------------------------------- loop helpers
 
 
-def _batches(ds: _Featured, indices: list[int], size: int, task: str, pixel: int | None):
+def _batches(
+    ds: _Featured,
+    indices: list[int],
+    size: int,
+    task: str,
+    pixel: int | None,
+    swap: tuple[list[int], dict[str, str]] | None = None,
+):
+    """Collated batches of ``indices``; with ``swap`` = (donors, {target: source}), each
+    item's target fields are taken from its donor's source fields (the reliance check)."""
     for s in range(0, len(indices), size):
-        yield collate([ds[i] for i in indices[s : s + size]], task, pixel)
+        items = [ds[i] for i in indices[s : s + size]]
+        if swap is not None:
+            donors, fields = swap
+            for item, i in zip(items, indices[s : s + size], strict=True):
+                donor = ds[donors[i]]
+                item.update({target: donor[source] for target, source in fields.items()})
+        yield collate(items, task, pixel)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -399,15 +414,20 @@ def evaluate_split(
     accelerator: Any,
     batch_size: int,
     with_predictions: bool = False,
+    donors: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Score a split; each rank takes a contiguous chunk, results are gathered by sample id."""
+    """Score a split; each rank takes a contiguous chunk, results are gathered by sample id.
+
+    With ``donors``, sample i reads the modality of sample ``donors[i]`` (see
+    :func:`reliance`)."""
     module = accelerator.unwrap_model(model)
     was_training = module.training
     module.eval()
     chunks = np.array_split(np.arange(len(ds)), accelerator.num_processes)
     mine = chunks[accelerator.process_index].tolist()
     rows: list[dict[str, Any]] = []
-    for batch in _batches(ds, mine, batch_size, module.task, module.pixel_size):
+    swap = None if donors is None else (donors, module.modality_fields())
+    for batch in _batches(ds, mine, batch_size, module.task, module.pixel_size, swap):
         batch = _to_device(batch, accelerator.device)
         out = module(batch)
         for r, sid in enumerate(batch["id"]):
@@ -453,6 +473,40 @@ def evaluate_split(
 
 def _headline(task: str) -> str:
     return {"classification": "accuracy", "segmentation": "oIoU", "sentiment": "mae"}[task]
+
+
+def reliance(
+    model: TaskModel,
+    ds: _Featured,
+    accelerator: Any,
+    batch_size: int,
+    headline: dict[str, float],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The headline metric again with every sample's modality taken from another sample.
+
+    Donors come from a seeded derangement that avoids samples of the same image where the
+    data names images (``image_id`` / ``image_path``); the drop is the model's reliance on
+    the modality (DESIGN.md section 9). A model that reads no modality gets drop None.
+    """
+    from mmtune.metrics import RELIANCE_CONVENTIONS, derangement
+
+    ((key, value),) = headline.items()
+    fields = accelerator.unwrap_model(model).modality_fields()
+    out: dict[str, Any] = {"metric": key, "headline": value, "swapped": sorted(fields)}
+    if not fields or len(ds) < 2:
+        return {**out, "deranged": None, "drop": None, "conventions": RELIANCE_CONVENTIONS}
+    groups = [item.get("image_id", item.get("image_path")) for item in ds.items]
+    donors = derangement(len(ds), seed, None if all(g is None for g in groups) else groups)
+    deranged = evaluate_split(model, ds, accelerator, batch_size, donors=donors)["metrics"][key]
+    drop = deranged - value if key in ("mae", "rmse") else value - deranged
+    return {
+        **out,
+        "deranged": deranged,
+        "drop": drop,
+        "seed": seed,
+        "conventions": RELIANCE_CONVENTIONS,
+    }
 
 
 def _trainable(module: TaskModel) -> dict[str, torch.Tensor]:
@@ -747,6 +801,10 @@ def _train(
         cfg.optim.eval_batch_size,
         with_predictions=task == "segmentation",
     )
+    headline = {_headline(task): test["metrics"][_headline(task)]}
+    relies = reliance(
+        model, splits[cfg.task.test_split], accelerator, cfg.optim.eval_batch_size, headline
+    )
     report = module.llm.trainable_parameters() if isinstance(module.llm, MiTModel) else None
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in module.parameters())
@@ -756,7 +814,8 @@ def _train(
         "test_split": cfg.task.test_split,
         "metrics": test["metrics"],
         "conventions": test["conventions"],
-        "headline": {_headline(task): test["metrics"][_headline(task)]},
+        "headline": headline,
+        "reliance": relies,
         "history": history["epochs"],
         "parameters": {
             "trainable": n_train,

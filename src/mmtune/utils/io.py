@@ -58,8 +58,11 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(21, "is a directory, not a file", str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file we meant to write, not the temporary one
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
