@@ -47,6 +47,9 @@ def test_each_task_trains_end_to_end_and_reports(assets, tmp_path, data):
     assert saved["metrics"] == results["metrics"] and saved["conventions"]
     assert saved["config"]["task"]["data"] == data and saved["versions"]["mmtune"]
     assert 0 < saved["parameters"]["trainable"] < saved["parameters"]["total"]
+    relies = saved["reliance"]
+    assert relies["metric"] == next(iter(saved["headline"])) and relies["swapped"]
+    assert isinstance(relies["deranged"], float) and isinstance(relies["drop"], float)
     assert saved["lower_layer_cache"]["first_infused_layer"] == 3
     assert saved["lower_layer_cache"]["bytes"] > 0
     ids = [

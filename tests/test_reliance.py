@@ -1,0 +1,98 @@
+"""The reliance check: each sample's modality taken from another by a seeded derangement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmtune import MiTConfig
+from mmtune.metrics import derangement
+from mmtune.pipeline import TaskConfig
+from mmtune.train import ModelConfig, OptimConfig, TrainConfig, build, evaluate_split, reliance
+from tiny_assets import tiny_llm_dir, tiny_vit_dir
+
+
+def test_derangement_has_no_fixed_point_and_is_seeded():
+    for n in (2, 3, 10, 101):
+        d = derangement(n, seed=3)
+        assert sorted(d) == list(range(n)) and all(d[i] != i for i in range(n))
+        assert d == derangement(n, seed=3)
+    assert derangement(50, seed=0) != derangement(50, seed=1)
+    with pytest.raises(ValueError, match="at least 2"):
+        derangement(1)
+
+
+def test_derangement_avoids_donors_of_the_same_image():
+    groups = [i // 3 for i in range(30)]  # three expressions per image, as in RefCOCO
+    d = derangement(30, seed=0, groups=groups)
+    assert all(d[i] != i for i in range(30)) and sorted(d) == list(range(30))
+    assert all(groups[d[i]] != groups[i] for i in range(30))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliance")
+    return tiny_llm_dir(root / "llm"), tiny_vit_dir(root / "vit")
+
+
+def _build(assets, data, method="mit"):
+    llm, vit = assets
+    cfg = TrainConfig(
+        task=TaskConfig(data=data, data_options={"num_samples": 60}),
+        model=ModelConfig(llm=str(llm), vision=str(vit)),
+        mit=MiTConfig(layers=[3, 4]),
+        method=method,
+        optim=OptimConfig(epochs=1),
+        feature_cache=False,
+    )
+    return build(cfg)
+
+
+@pytest.mark.parametrize(
+    ("data", "method", "fields"),
+    [
+        ("digits-ve", "mit", {"pooled"}),
+        ("digits-ve", "concat", {"pooled", "level2"}),
+        ("digits-ve", "text", set()),
+        ("shapes-ref", "mit", {"pooled"}),
+        ("shapes-ref", "concat", {"token_level2"}),
+        ("movie-sentiment", "mit", {"audio", "audio_length", "vision", "vision_length"}),
+    ],
+)
+def test_modality_fields_per_task_and_method(assets, data, method, fields):
+    model, _, _, _ = _build(assets, data, method)
+    assert set(model.modality_fields()) == fields
+
+
+class _Accelerator:
+    num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+    @staticmethod
+    def unwrap_model(m):
+        return m
+
+
+def test_the_swap_feeds_the_donors_modality_and_identity_changes_nothing(assets, monkeypatch):
+    model, splits, _, _ = _build(assets, "digits-ve")
+    test = splits["test"]
+    n = len(test)
+    plain = evaluate_split(model, test, _Accelerator, 8)
+    same = evaluate_split(model, test, _Accelerator, 8, donors=list(range(n)))
+    assert [r["pred"] for r in same["rows"]] == [r["pred"] for r in plain["rows"]]
+    seen = []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda b: seen.append(b["pooled"]) or real(b))
+    donors = derangement(n)
+    evaluate_split(model, test, _Accelerator, 8, donors=donors)
+    expected = torch.stack([test[donors[i]]["pooled"] for i in range(n)])
+    assert torch.equal(torch.cat(seen), expected)
+
+
+def test_reliance_of_a_text_model_is_none_and_of_mit_is_measured(assets):
+    model, splits, _, _ = _build(assets, "digits-ve", "text")
+    r = reliance(model, splits["test"], _Accelerator, 8, {"accuracy": 0.5})
+    assert r["drop"] is None and r["swapped"] == []
+    model, splits, _, _ = _build(assets, "movie-sentiment", "mit")
+    mae = evaluate_split(model, splits["test"], _Accelerator, 8)["metrics"]["mae"]
+    r = reliance(model, splits["test"], _Accelerator, 8, {"mae": mae})
+    assert r["metric"] == "mae" and r["drop"] == pytest.approx(r["deranged"] - mae)
