@@ -96,3 +96,32 @@ def test_reliance_of_a_text_model_is_none_and_of_mit_is_measured(assets):
     mae = evaluate_split(model, splits["test"], _Accelerator, 8)["metrics"]["mae"]
     r = reliance(model, splits["test"], _Accelerator, 8, {"mae": mae})
     assert r["metric"] == "mae" and r["drop"] == pytest.approx(r["deranged"] - mae)
+
+
+def test_standardized_modality_has_zero_mean_on_train_and_survives_reload(assets, tmp_path):
+    from mmtune.evaluate import load_run
+    from mmtune.pipeline import collate
+    from mmtune.train import train
+
+    llm, vit = assets
+    cfg = TrainConfig(
+        task=TaskConfig(
+            data="digits-ve", data_options={"num_samples": 60}, modality_norm="standardize"
+        ),
+        model=ModelConfig(llm=str(llm), vision=str(vit)),
+        mit=MiTConfig(layers=[3, 4]),
+        optim=OptimConfig(epochs=1),
+        feature_cache=False,
+        plots=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    model, splits, _, _ = build(cfg)
+    train_ds = splits["train"]
+    batch = collate([train_ds[i] for i in range(len(train_ds))], "classification")
+    vector = model.modality(batch)
+    assert vector.mean(0).abs().max() < 1e-4 and torch.allclose(
+        vector.std(0)[batch["pooled"].std(0) > 1e-5], torch.ones(1), atol=1e-3
+    )
+    train(cfg, progress=False)
+    _, _, again = load_run(tmp_path / "run")
+    assert torch.allclose(again.modality(batch), vector, atol=1e-5)

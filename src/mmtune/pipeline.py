@@ -81,6 +81,10 @@ class TaskConfig:
     """Sentiment: the paper's RMSE, or L1."""
     max_train_samples: int | None = None
     """Use only the first N training samples (quick runs)."""
+    modality_norm: Literal["none", "standardize"] = "none"
+    """Image tasks: how the frozen image vector is scaled before it becomes MiT's I. ``none``:
+    as the encoder gives it; ``standardize``: per dimension, minus the training split's mean,
+    divided by its standard deviation (the statistics are saved with the run)."""
     pooling: Literal["last", "task_token"] = "last"
     """Text vector: the last prompt token's hidden state (the paper's choice), or a learned
     task token (<SEG>/<CLS>, paper sec. 5.2) appended after the prompt and read back."""
@@ -91,6 +95,11 @@ class TaskConfig:
         bad = set(self.modalities) - {"audio", "vision"}
         if bad:
             raise ValueError(f"TaskConfig.modalities: unknown {sorted(bad)} (audio, vision)")
+        if self.modality_norm not in ("none", "standardize"):
+            raise ValueError(
+                f"TaskConfig.modality_norm must be 'none' or 'standardize', got "
+                f"{self.modality_norm!r}"
+            )
         if self.pooling not in ("last", "task_token"):
             raise ValueError(
                 f"TaskConfig.pooling must be 'last' or 'task_token', got {self.pooling!r}"
@@ -157,6 +166,7 @@ class TaskModel(nn.Module):
         pixel_size: int | None = None,
         method: str = "mit",
         concat: ConcatConfig | None = None,
+        modality_stats: tuple[list[float], list[float]] | None = None,
     ):
         super().__init__()
         if method not in ("mit", "text", "concat"):
@@ -214,6 +224,11 @@ class TaskModel(nn.Module):
         if config.pooling == "task_token":  # starts at the mean input embedding: a typical scale
             self.task_token = TaskToken(d_text, base.get_input_embeddings().weight.mean(0))
         self.lower_cache: LowerLayerCache | None = None
+        stats = [None, None]  # standardize I (TaskConfig.modality_norm): train mean, std
+        if modality_stats is not None:
+            stats = [torch.tensor(v, dtype=torch.float32) for v in modality_stats]
+        self.register_buffer("modality_mean", stats[0], persistent=False)
+        self.register_buffer("modality_std", stats[1], persistent=False)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # the last real token sits at position T - 1
@@ -297,6 +312,8 @@ class TaskModel(nn.Module):
                     "are NaN or infinite (frame values too large or non-finite in the data)"
                 )
             return vector
+        if self.modality_mean is not None:  # (B, d_I), per-dimension z-score
+            return (batch["pooled"] - self.modality_mean) / self.modality_std
         return batch["pooled"]
 
     def prefix_tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

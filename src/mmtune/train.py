@@ -315,6 +315,12 @@ def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits
         splits["train"].features = {
             k: v[: cfg.task.max_train_samples] for k, v in splits["train"].features.items()
         }
+    if cfg.task.modality_norm == "standardize" and "pooled" in splits["train"].features:
+        pooled = splits["train"].features["pooled"].double()  # (N, d_I)
+        extra["modality_stats"] = (
+            pooled.mean(0).tolist(),
+            pooled.std(0).clamp_min(1e-6).tolist(),  # a constant dimension stays 0
+        )
     extra.update(task=task, d_modality=d_modality, label_names=list(data.label_names))
     model = make_model(cfg, extra, llm, tokenizer)
     _warn_cut_prompts(model, splits)
@@ -370,6 +376,7 @@ def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer
         pixel_size=spec.get("pixel_size"),
         method=method,
         concat=cfg.concat,
+        modality_stats=spec.get("modality_stats"),
     )
     lower_ok = cfg.task.pooling == "last"  # a trainable task token enters at layer 0
     if cfg.cache_lower_layers and lower_ok:
@@ -810,7 +817,10 @@ def _train(
     n_total = sum(p.numel() for p in module.parameters())
     results = {
         "task": task,
-        "data": info,
+        "data": {  # the standardisation statistics live in final/spec.json
+            **info,
+            "model": {k: v for k, v in info["model"].items() if k != "modality_stats"},
+        },
         "test_split": cfg.task.test_split,
         "metrics": test["metrics"],
         "conventions": test["conventions"],
