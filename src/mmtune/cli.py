@@ -318,6 +318,30 @@ def _reliance_line(r: dict) -> str:
     )
 
 
+def ceilings(benchmark: Path, output: Path | None = None) -> None:
+    """Ceilings of a benchmark: the trivial answers and scikit-learn probes on its test split.
+
+    Args:
+        benchmark: a train config YAML (its task and model name the data and the encoder).
+        output: also write the result to this JSON file.
+    """
+    from mmtune.ceilings import ceilings as run_ceilings
+    from mmtune.utils.io import write_json
+
+    result = run_ceilings(_train_config_from_yaml(benchmark))
+    if output is not None:
+        write_json(output, result)
+    print(f"{result['data']} ({result['task']}), test split:")
+    for name, entry in result["ceilings"].items():
+        shown = {
+            "classification": ("accuracy", "f1_macro"),
+            "sentiment": ("mae", "corr"),
+            "segmentation": ("oIoU", "prec@0.5"),
+        }[result["task"]]
+        values = ", ".join(f"{k} {entry[k]:.3f}" for k in shown)
+        print(f"  {name:<17} {values}  ({entry['sees']})")
+
+
 def evaluate(run: Path, split: str = "test") -> None:
     """Score a finished run (RUN_DIR with final/) on a split of its data.
 
@@ -791,7 +815,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) >= 2 and argv[0] == "train" and not argv[1].startswith("-"):
         argv.insert(1, "--config")  # `mmtune train CONFIG.yaml --key=value ...`
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs in --help
-    user_errors = (ValueError, OSError, KeyError, yaml.YAMLError, SafetensorError, RunLockedError)
+    user_errors = (ValueError, OSError, yaml.YAMLError, SafetensorError, RunLockedError)
     try:
         _check_yaml_files(argv)
         auto_cli(
@@ -803,6 +827,7 @@ def main(argv: list[str] | None = None) -> None:
                 "data": {"inspect": data_inspect},
                 "train": train,
                 "eval": evaluate,
+                "ceilings": ceilings,
                 "predict": predict,
                 "bench": bench,
                 "compare": compare,

@@ -142,6 +142,7 @@ def _scene(
         "mask": objects[t]["mask"],
         "expression": expression,
         "num_objects": len(objects),
+        "objects_mask": np.any([o["mask"] for o in objects], axis=0),  # the every-object answer
     }
     if with_objects:  # attributes only (no masks), for the VQA questions and captions
         scene["objects"] = [{k: o[k] for k in ("shape", "colour", "big", "cx")} for o in objects]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_PROMPTS", "PromptTemplate"]
+__all__ = ["DEFAULT_PROMPTS", "PromptFieldError", "PromptTemplate"]
+
+
+class PromptFieldError(KeyError, ValueError):
+    """A sample lacks a field its prompt template needs (a user's data or template mistake)."""
 
 
 @dataclass
@@ -29,7 +33,7 @@ class PromptTemplate:
     def __call__(self, **values: str) -> str:
         missing = self.fields - set(values)
         if missing:
-            raise KeyError(
+            raise PromptFieldError(
                 f"prompt template {self.template!r} needs {sorted(missing)}; the sample has "
                 f"{sorted(values)}"
             )

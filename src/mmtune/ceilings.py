@@ -1,0 +1,227 @@
+"""Ceilings of a benchmark (DESIGN.md section 9): the trivial answers and scikit-learn probes.
+
+Each entry says exactly what it sees. The probes are fitted on the training split and scored
+on the test split with the project's metric conventions (:mod:`mmtune.metrics`):
+
+- classification: ``majority`` (the most frequent training label); ``text_probe`` (logistic
+  regression on word and bigram counts of the text); ``image_probe`` (logistic regression on the
+  frozen, standardized image vector); ``joint_probe`` (both, concatenated: linear, so it cannot
+  model an image x text interaction); for ``digits-ve`` also ``structured_probe``: the digit
+  read from the image vector by a logistic regression trained on the training digits, then the
+  hypothesis read by the generator's own grammar (parity, comparisons, identity; anything else
+  is neutral) - the ceiling of a model that both sees the digit and understands the statement;
+- sentiment: ``constant`` (the training mean); ``text_probe`` (ridge on word counts);
+  ``frames_probe`` (ridge on each modality's mean frame); ``joint_probe`` (both);
+- segmentation: ``every_object`` (the union of every object's mask, where the data has it: the
+  answer of a model that segments objects but ignores the expression); ``empty`` (no pixel).
+
+The text method (the frozen LLM without the modality) is the other floor; it is a row of the
+method table, trained like every method.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from mmtune.metrics import (
+    classification_metrics,
+    mask_intersection_union,
+    segmentation_metrics,
+    sentiment_metrics,
+)
+
+__all__ = ["ceilings", "digits_rule"]
+
+
+def digits_rule(text: str, digit: int) -> int:
+    """The digits-ve label of ``text`` about ``digit`` by the generator's grammar
+    (0 entailed, 1 neutral, 2 contradicted)."""
+    m = re.fullmatch(r"The digit is (even|odd)\.", text)
+    if m:
+        truth = (digit % 2 == 0) == (m.group(1) == "even")
+    elif m := re.fullmatch(r"The number shown is (greater|less) than (\d)\.", text):
+        k = int(m.group(2))
+        truth = digit > k if m.group(1) == "greater" else digit < k
+    elif m := re.fullmatch(r"The image shows the digit (\d)\.", text):
+        truth = int(m.group(1)) == digit
+    else:
+        return 1
+    return 0 if truth else 2
+
+
+def _texts(split: Any, key: str) -> list[str]:
+    return [str(split[i][key]) for i in range(len(split))]
+
+
+def _classification(data: Any, features: dict[str, np.ndarray], name: str) -> dict[str, Any]:
+    from scipy.sparse import csr_matrix, hstack
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = data.splits["train"], data.splits["test"]
+    y_train = np.array([int(train[i]["label"]) for i in range(len(train))])
+    y_test = np.array([int(test[i]["label"]) for i in range(len(test))])
+    out: dict[str, Any] = {}
+    majority = int(np.bincount(y_train).argmax())
+    out["majority"] = {
+        "sees": f"nothing: always class {majority} ({data.label_names[majority]})",
+        **classification_metrics(np.full(len(y_test), majority), y_test)["metrics"],
+    }
+    words = CountVectorizer(ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b")
+    t_train, t_test = (
+        words.fit_transform(_texts(train, "text")),
+        words.transform(_texts(test, "text")),
+    )
+    lr = LogisticRegression(max_iter=2000, C=1.0)
+    out["text_probe"] = {
+        "sees": "the text only (word and bigram counts; logistic regression)",
+        **classification_metrics(lr.fit(t_train, y_train).predict(t_test), y_test)["metrics"],
+    }
+    if features:
+        scaler = StandardScaler().fit(features["train"])
+        x_train, x_test = scaler.transform(features["train"]), scaler.transform(features["test"])
+        lr = LogisticRegression(max_iter=2000, C=0.1)
+        out["image_probe"] = {
+            "sees": "the frozen image vector only (standardized; logistic regression)",
+            **classification_metrics(lr.fit(x_train, y_train).predict(x_test), y_test)["metrics"],
+        }
+        j_train = hstack([csr_matrix(x_train), t_train]).tocsr()
+        j_test = hstack([csr_matrix(x_test), t_test]).tocsr()
+        lr = LogisticRegression(max_iter=4000, C=0.1)
+        out["joint_probe"] = {
+            "sees": "image vector and text counts concatenated (linear: no interaction)",
+            **classification_metrics(lr.fit(j_train, y_train).predict(j_test), y_test)["metrics"],
+        }
+        if name == "digits-ve":
+            d_train = np.array([int(train[i]["digit"]) for i in range(len(train))])
+            d_test = np.array([int(test[i]["digit"]) for i in range(len(test))])
+            lr = LogisticRegression(max_iter=2000, C=0.1).fit(x_train, d_train)
+            digit = lr.predict(x_test)
+            pred = [
+                digits_rule(t, int(d)) for t, d in zip(_texts(test, "text"), digit, strict=True)
+            ]
+            out["structured_probe"] = {
+                "sees": "the digit read from the image vector (logistic regression trained on "
+                "the training digits) and the hypothesis read by the generator's grammar",
+                "digit_accuracy": float((digit == d_test).mean()),
+                **classification_metrics(pred, y_test)["metrics"],
+            }
+    return out
+
+
+def _sentiment(data: Any, modalities: list[str]) -> dict[str, Any]:
+    from scipy.sparse import csr_matrix, hstack
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = data.splits["train"], data.splits["test"]
+    y_train = np.array([float(train[i]["label"]) for i in range(len(train))])
+    y_test = np.array([float(test[i]["label"]) for i in range(len(test))])
+    out: dict[str, Any] = {
+        "constant": {
+            "sees": f"nothing: always the training mean {y_train.mean():.3f}",
+            **sentiment_metrics(np.full(len(y_test), y_train.mean()), y_test)["metrics"],
+        }
+    }
+    words = CountVectorizer(ngram_range=(1, 2))
+    t_train, t_test = (
+        words.fit_transform(_texts(train, "text")),
+        words.transform(_texts(test, "text")),
+    )
+    out["text_probe"] = {
+        "sees": "the text only (word and bigram counts; ridge regression)",
+        **sentiment_metrics(Ridge(alpha=10.0).fit(t_train, y_train).predict(t_test), y_test)[
+            "metrics"
+        ],
+    }
+
+    def mean_frames(split: Any) -> np.ndarray:
+        rows = []
+        for i in range(len(split)):
+            item = split[i]
+            rows.append(
+                np.concatenate(
+                    [np.asarray(item[m])[: item[f"{m}_length"]].mean(0) for m in modalities]
+                )
+            )
+        return np.stack(rows)
+
+    if modalities:
+        scaler = StandardScaler().fit(mean_frames(train))
+        f_train, f_test = scaler.transform(mean_frames(train)), scaler.transform(mean_frames(test))
+        out["frames_probe"] = {
+            "sees": f"the {'/'.join(modalities)} frames only (mean frame; ridge regression)",
+            **sentiment_metrics(Ridge(alpha=1.0).fit(f_train, y_train).predict(f_test), y_test)[
+                "metrics"
+            ],
+        }
+        j_train = hstack([csr_matrix(f_train), t_train]).tocsr()
+        j_test = hstack([csr_matrix(f_test), t_test]).tocsr()
+        out["joint_probe"] = {
+            "sees": "mean frames and text counts concatenated (ridge regression)",
+            **sentiment_metrics(Ridge(alpha=10.0).fit(j_train, y_train).predict(j_test), y_test)[
+                "metrics"
+            ],
+        }
+    return out
+
+
+def _segmentation(data: Any) -> dict[str, Any]:
+    test = data.splits["test"]
+    out: dict[str, Any] = {}
+    items = [test[i] for i in range(len(test))]
+    if "objects_mask" in items[0]:
+        pairs = [mask_intersection_union(it["objects_mask"], it["mask"]) for it in items]
+        out["every_object"] = {
+            "sees": "where the objects are, not the expression: the union of every object's mask",
+            **segmentation_metrics([p[0] for p in pairs], [p[1] for p in pairs])["metrics"],
+        }
+    pairs = [mask_intersection_union(np.zeros_like(it["mask"]), it["mask"]) for it in items]
+    out["empty"] = {
+        "sees": "nothing: no pixel",
+        **segmentation_metrics([p[0] for p in pairs], [p[1] for p in pairs])["metrics"],
+    }
+    return out
+
+
+def ceilings(cfg: Any) -> dict[str, Any]:
+    """Ceilings of the benchmark named by a TrainConfig's task (its data and encoder)."""
+    import dataclasses
+
+    from mmtune.encoders.vision import encode_images, load_vision_encoder
+    from mmtune.models.cache import FeatureCache
+    from mmtune.train import _images, _load_data
+
+    data = _load_data(cfg.task)
+    name = cfg.task.data
+    result: dict[str, Any] = {"data": data.name, "task": data.task, "sizes": data.sizes()}
+    if data.task == "classification":
+        encoder = load_vision_encoder(cfg.model.vision)
+        if cfg.model.image_size:
+            size = cfg.model.image_size
+            encoder.preprocess = dataclasses.replace(
+                encoder.preprocess, size=size, resize=max(size, round(size * 256 / 224))
+            )
+        cache = FeatureCache() if cfg.feature_cache else None
+        feats = {
+            split: encode_images(
+                encoder,
+                _images(data.splits[split]),
+                levels=False,
+                cache=cache,
+                name=f"{name}-{split}-pooled".replace("/", "_"),
+            )["pooled"].numpy()
+            for split in ("train", "test")
+        }
+        result["encoder"] = encoder.cache_id
+        result["ceilings"] = _classification(data, feats, name)
+    elif data.task == "sentiment":
+        result["ceilings"] = _sentiment(data, list(cfg.task.modalities))
+    else:
+        result["ceilings"] = _segmentation(data)
+    return result

@@ -1,0 +1,49 @@
+"""Ceilings: the trivial answers and probes, each saying what it sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmtune.ceilings import ceilings, digits_rule
+from mmtune.data.mini import digits_ve, shapes_ref
+from mmtune.pipeline import TaskConfig
+from mmtune.train import ModelConfig, TrainConfig
+from tiny_assets import tiny_llm_dir, tiny_vit_dir
+
+
+def test_the_digits_rule_reads_every_generated_hypothesis_right():
+    data = digits_ve(num_samples=600)
+    for split in data.splits.values():
+        for i in range(len(split)):
+            item = split[i]
+            assert digits_rule(item["text"], item["digit"]) == item["label"], item["text"]
+
+
+def test_every_object_mask_contains_the_target():
+    data = shapes_ref(num_samples=30)
+    for i in range(len(data.splits["train"])):
+        item = data.splits["train"][i]
+        assert (item["objects_mask"] >= item["mask"]).all()
+        assert item["objects_mask"].sum() > item["mask"].sum()  # two objects at least
+
+
+@pytest.mark.parametrize("data", ["digits-ve", "shapes-ref", "movie-sentiment"])
+def test_ceilings_of_each_task_say_what_they_see(tmp_path, data):
+    cfg = TrainConfig(
+        task=TaskConfig(data=data, data_options={"num_samples": 90}),
+        model=ModelConfig(
+            llm=str(tiny_llm_dir(tmp_path / "l")), vision=str(tiny_vit_dir(tmp_path / "v"))
+        ),
+        feature_cache=False,
+    )
+    result = ceilings(cfg)
+    names = {
+        "digits-ve": {"majority", "text_probe", "image_probe", "joint_probe", "structured_probe"},
+        "shapes-ref": {"every_object", "empty"},
+        "movie-sentiment": {"constant", "text_probe", "frames_probe", "joint_probe"},
+    }[data]
+    assert set(result["ceilings"]) == names
+    assert all(entry["sees"] for entry in result["ceilings"].values())
+    if data == "shapes-ref":
+        assert result["ceilings"]["empty"]["oIoU"] == 0.0
+        assert 0 < result["ceilings"]["every_object"]["oIoU"] < 1
