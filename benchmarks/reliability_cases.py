@@ -165,7 +165,10 @@ def main() -> None:
     ck = last_ckpt(out)
     for f in ck.iterdir():
         f.unlink()
-    (ck / "state.pt").write_bytes(pickle.dumps({"world_size": Payload(marker)}))
+    import torch
+
+    torch.save({"payload": Payload(marker)}, ck / "state.pt")  # what torch.save of a crafted
+    torch.save({"payload": Payload(marker)}, ck / "rng-rank0.pt")  # state would give
     (out / "results.json").unlink(missing_ok=True)
     record("2 crafted checkpoints/epoch-001/state.pt, --resume",
            cli("train", yaml(out, epochs=2), "--quiet", "true", "--resume", "true"), marker)
@@ -174,15 +177,14 @@ def main() -> None:
     out = finished("flip", epochs=2)
     f = last_ckpt(out) / "trainable.safetensors"
     data = bytearray(f.read_bytes())
-    for i in range(8, min(len(data), 4000), 97):
-        data[i] ^= 0x40
+    for i in range(1, 9):  # the exponent bytes of the last 8 float32 values
+        data[len(data) - 4 * i + 3] ^= 0x40
     f.write_bytes(bytes(data))
     p = cli("train", yaml(out, epochs=3), "--quiet", "true", "--resume", "true")
     record("3a flipped bytes in the last checkpoint, --resume", p,
            note="checkpoints left: " + ",".join(x.name for x in sorted((out / "checkpoints").glob("epoch-*"))))
     adapter = work / "adapter"
     run(["-c", PY_SAVE_ADAPTER.format(tests=str(ROOT / "tests"), path=str(adapter))])
-    import torch
     from safetensors.torch import load_file, save_file
 
     t = load_file(str(adapter / "adapter.safetensors"))

@@ -47,3 +47,21 @@ def test_ceilings_of_each_task_say_what_they_see(tmp_path, data):
     if data == "shapes-ref":
         assert result["ceilings"]["empty"]["oIoU"] == 0.0
         assert 0 < result["ceilings"]["every_object"]["oIoU"] < 1
+
+
+def test_more_hypotheses_per_image_add_training_pairs_only():
+    one = digits_ve(num_samples=200)
+    four = digits_ve(num_samples=200, hypotheses_per_image=4)
+    assert len(four.splits["train"]) == 4 * len(one.splits["train"])
+    for split in ("val", "test"):
+        assert [it["id"] for it in four.splits[split].items] == [
+            it["id"] for it in one.splits[split].items
+        ]
+    first = [it for it in four.splits["train"].items if "-h" not in it["id"]]
+    assert [(it["id"], it["text"]) for it in first] == [
+        (it["id"], it["text"]) for it in one.splits["train"].items
+    ]
+    for it in four.splits["train"].items:
+        assert digits_rule(it["text"], it["digit"]) == it["label"]
+    seen = {it["id"].split("-h")[0] for it in four.splits["train"].items}
+    assert not seen & {it["id"] for it in four.splits["test"].items}

@@ -125,3 +125,23 @@ def test_standardized_modality_has_zero_mean_on_train_and_survives_reload(assets
     train(cfg, progress=False)
     _, _, again = load_run(tmp_path / "run")
     assert torch.allclose(again.modality(batch), vector, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["unit", "l2"])
+def test_unit_and_l2_modality_scales(assets, norm):
+    from mmtune.pipeline import collate
+
+    llm, vit = assets
+    cfg = TrainConfig(
+        task=TaskConfig(data="digits-ve", data_options={"num_samples": 60}, modality_norm=norm),
+        model=ModelConfig(llm=str(llm), vision=str(vit)),
+        mit=MiTConfig(layers=[3, 4]),
+        feature_cache=False,
+    )
+    model, splits, _, _ = build(cfg)
+    batch = collate([splits["train"][i] for i in range(len(splits["train"]))], "classification")
+    norms = model.modality(batch).norm(dim=-1)
+    if norm == "l2":
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    else:  # E||z||^2 / d_I = 1 over the training split
+        assert (norms**2).mean() == pytest.approx(1.0, rel=0.05)

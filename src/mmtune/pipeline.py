@@ -81,10 +81,11 @@ class TaskConfig:
     """Sentiment: the paper's RMSE, or L1."""
     max_train_samples: int | None = None
     """Use only the first N training samples (quick runs)."""
-    modality_norm: Literal["none", "standardize"] = "none"
+    modality_norm: Literal["none", "standardize", "unit", "l2"] = "none"
     """Image tasks: how the frozen image vector is scaled before it becomes MiT's I. ``none``:
     as the encoder gives it; ``standardize``: per dimension, minus the training split's mean,
-    divided by its standard deviation (the statistics are saved with the run)."""
+    divided by its standard deviation (the statistics are saved with the run); ``unit``: that,
+    divided by sqrt(d_I) (expected L2 norm 1); ``l2``: each vector divided by its L2 norm."""
     pooling: Literal["last", "task_token"] = "last"
     """Text vector: the last prompt token's hidden state (the paper's choice), or a learned
     task token (<SEG>/<CLS>, paper sec. 5.2) appended after the prompt and read back."""
@@ -95,9 +96,9 @@ class TaskConfig:
         bad = set(self.modalities) - {"audio", "vision"}
         if bad:
             raise ValueError(f"TaskConfig.modalities: unknown {sorted(bad)} (audio, vision)")
-        if self.modality_norm not in ("none", "standardize"):
+        if self.modality_norm not in ("none", "standardize", "unit", "l2"):
             raise ValueError(
-                f"TaskConfig.modality_norm must be 'none' or 'standardize', got "
+                "TaskConfig.modality_norm must be one of none, standardize, unit, l2; got "
                 f"{self.modality_norm!r}"
             )
         if self.pooling not in ("last", "task_token"):
@@ -312,9 +313,13 @@ class TaskModel(nn.Module):
                     "are NaN or infinite (frame values too large or non-finite in the data)"
                 )
             return vector
-        if self.modality_mean is not None:  # (B, d_I), per-dimension z-score
-            return (batch["pooled"] - self.modality_mean) / self.modality_std
-        return batch["pooled"]
+        pooled = batch["pooled"]  # (B, d_I)
+        if self.config.modality_norm == "l2":
+            return F.normalize(pooled, dim=-1)
+        if self.modality_mean is not None:  # per-dimension z-score (then / sqrt(d_I): unit)
+            z = (pooled - self.modality_mean) / self.modality_std
+            return z / pooled.shape[-1] ** 0.5 if self.config.modality_norm == "unit" else z
+        return pooled
 
     def prefix_tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenation: projected modality tokens (B, N, d) and their mask (B, N)."""

@@ -315,7 +315,7 @@ def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits
         splits["train"].features = {
             k: v[: cfg.task.max_train_samples] for k, v in splits["train"].features.items()
         }
-    if cfg.task.modality_norm == "standardize" and "pooled" in splits["train"].features:
+    if cfg.task.modality_norm in ("standardize", "unit") and "pooled" in splits["train"].features:
         pooled = splits["train"].features["pooled"].double()  # (N, d_I)
         extra["modality_stats"] = (
             pooled.mean(0).tolist(),

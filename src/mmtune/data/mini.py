@@ -209,9 +209,19 @@ def _hypothesis(digit: int, label: int, rng: np.random.Generator) -> str:
 
 
 def digits_ve(
-    num_samples: int | None = None, seed: int = 0, fractions: tuple[float, float] = (0.15, 0.25)
+    num_samples: int | None = None,
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.15, 0.25),
+    hypotheses_per_image: int = 1,
 ) -> DataSplits:
-    """Image-text entailment over scikit-learn's 1,797 handwritten digits, one hypothesis each."""
+    """Image-text entailment over scikit-learn's 1,797 handwritten digits.
+
+    Every image has one hypothesis (label drawn uniformly); with ``hypotheses_per_image`` k > 1,
+    each *training* image gets k - 1 more (new labels and statements, from a second seeded
+    generator), so the first hypothesis of every image, the splits and the val/test items stay
+    exactly those of k = 1, and no val/test image is ever seen in training."""
+    if hypotheses_per_image < 1:
+        raise ValueError(f"hypotheses_per_image must be >= 1, got {hypotheses_per_image}")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -231,6 +241,16 @@ def digits_ve(
             }
         )
     splits = _three_splits(items, fractions)
+    if hypotheses_per_image > 1:
+        more = np.random.default_rng([seed, 1])
+        train = []
+        for item in splits["train"].items:
+            train.append(item)
+            for j in range(1, hypotheses_per_image):
+                label = int(more.integers(0, 3))
+                text = _hypothesis(item["digit"], label, more)
+                train.append({**item, "id": f"{item['id']}-h{j}", "text": text, "label": label})
+        splits["train"] = ListDataset(train)
 
     def describe(item: dict[str, Any]) -> dict[str, Any]:
         return {
