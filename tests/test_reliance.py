@@ -145,3 +145,15 @@ def test_unit_and_l2_modality_scales(assets, norm):
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     else:  # E||z||^2 / d_I = 1 over the training split
         assert (norms**2).mean() == pytest.approx(1.0, rel=0.05)
+
+
+def test_a_head_without_the_image_reads_the_text_vector_only(assets):
+    llm, vit = assets
+    cfg = TrainConfig(
+        task=TaskConfig(data="digits-ve", data_options={"num_samples": 60}, head_image=False),
+        model=ModelConfig(llm=str(llm), vision=str(vit)),
+        mit=MiTConfig(layers=[3, 4]),
+        feature_cache=False,
+    )
+    model, splits, _, _ = build(cfg)
+    assert model.head.d_image == 0 and model.modality_fields() == {"pooled": "pooled"}

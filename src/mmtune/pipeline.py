@@ -86,6 +86,9 @@ class TaskConfig:
     as the encoder gives it; ``standardize``: per dimension, minus the training split's mean,
     divided by its standard deviation (the statistics are saved with the run); ``unit``: that,
     divided by sqrt(d_I) (expected L2 norm 1); ``l2``: each vector divided by its L2 norm."""
+    head_image: bool = True
+    """Classification: the head reads [image vector; pooled text] (the paper's head). False:
+    the pooled text only, so the image reaches the prediction through the LLM alone."""
     pooling: Literal["last", "task_token"] = "last"
     """Text vector: the last prompt token's hidden state (the paper's choice), or a learned
     task token (<SEG>/<CLS>, paper sec. 5.2) appended after the prompt and read back."""
@@ -191,7 +194,8 @@ class TaskModel(nn.Module):
         )
         self.frames: MultiModalSequenceEncoder | None = None
         if task == "classification":  # the text baseline's head sees no image either
-            self.head = ClassificationHead(0 if method == "text" else d_image, d_text, num_classes)
+            sees_image = method != "text" and config.head_image
+            self.head = ClassificationHead(d_image if sees_image else 0, d_text, num_classes)
         elif task == "segmentation":
             if level_channels is None:
                 raise ValueError("segmentation needs the encoder's level_channels")
