@@ -155,5 +155,5 @@ def test_a_head_without_the_image_reads_the_text_vector_only(assets):
         mit=MiTConfig(layers=[3, 4]),
         feature_cache=False,
     )
-    model, splits, _, _ = build(cfg)
+    model, _, _, _ = build(cfg)
     assert model.head.d_image == 0 and model.modality_fields() == {"pooled": "pooled"}

@@ -153,6 +153,11 @@ def test_eval_on_a_read_only_run_prints_its_metrics_first(finished, tmp_path, mm
             pytest.skip("cannot remount read-only here")
         proc = mmtune("eval", run)
         assert f"{run} on test: accuracy" in proc.stdout
-        _one_line(proc, str(run), "Read-only file system")
+        _one_line(proc, str(run / "eval-test.json"), "Read-only file system")
+        config, new = tmp_path / "ro.yaml", disk / "new"  # the same run, another output_dir
+        settings = json.loads((finished / "run.json").read_text())["config"]
+        config.write_text(json.dumps({**settings, "output_dir": str(new)}))
+        ro = mmtune("train", config, "--quiet", "true")
+        _one_line(ro, str(new), "output_dir is not writable (Read-only file system)")
         expected = json.loads((finished / "results.json").read_text())["metrics"]["accuracy"]
         assert f"accuracy {expected:.4f}" in proc.stdout

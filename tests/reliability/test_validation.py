@@ -225,3 +225,15 @@ def test_inputs_the_run_does_not_read_are_named_in_a_warning(make_config, tmp_pa
     with pytest.warns(UserWarning, match=r"--frames .*f\.npz: this classification run reads no"):
         out = predict(run, "The digit is even.", tmp_path / "x.png", tmp_path / "f.npz")
     assert out["class"] in {"entailment", "neutral", "contradiction"}
+
+
+def test_an_image_for_a_sentiment_run_is_named_in_a_warning(make_config, tmp_path):
+    from mmtune.evaluate import predict
+
+    run = tmp_path / "sentiment"
+    train(make_config(run, data="movie-sentiment", epochs=1), progress=False)
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    np.savez(tmp_path / "f.npz", audio=np.zeros((3, 5)), vision=np.zeros((2, 20)))
+    with pytest.warns(UserWarning, match=r"--image .*x\.png: a sentiment run reads no image"):
+        out = predict(run, "A fine film.", tmp_path / "x.png", tmp_path / "f.npz")
+    assert isinstance(out["score"], float)
