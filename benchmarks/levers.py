@@ -1,0 +1,91 @@
+"""Summarise a lever study: one row and one learning curve per run directory.
+
+    python benchmarks/levers.py benchmarks/results/levers/digits-ve
+
+Each sub-folder is one `mmtune train` run (configs/levers/*.yaml plus the lever's flags). The
+script reads their results.json, writes ``levers.md`` (test headline, reliance drop, last val,
+train loss, samples seen, seconds) and ``levers.png`` (val headline against training samples
+seen, so runs with more pairs per image line up with the others) in that folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _rows(root: Path) -> list[dict]:
+    rows = []
+    for results in sorted(root.glob("*/results.json")):
+        r = json.loads(results.read_text())
+        key = next(iter(r["headline"]))
+        n_train = r["data"]["splits"]["train"]
+        rows.append(
+            {
+                "lever": results.parent.name,
+                "key": key,
+                "test": r["headline"][key],
+                "drop": r["reliance"]["drop"],
+                "deranged": r["reliance"]["deranged"],
+                "val": [e["val"][key] for e in r["history"]],
+                "loss": [e["train_loss"] for e in r["history"]],
+                "seen": [n_train * e["epoch"] for e in r["history"]],
+                "seconds": r["train_seconds"],
+                "options": {
+                    "modality_norm": r["config"]["task"].get("modality_norm", "none"),
+                    "head_image": r["config"]["task"].get("head_image", True),
+                    "data_options": r["config"]["task"]["data_options"],
+                    "lr": r["config"]["optim"]["lr"],
+                    "epochs": r["config"]["optim"]["epochs"],
+                },
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("root", type=Path)
+    args = ap.parse_args()
+    rows = _rows(args.root)
+    if not rows:
+        raise SystemExit(f"{args.root}: no */results.json")
+    key = rows[0]["key"]
+    lines = [
+        f"| lever | test {key} | deranged | reliance drop | val {key} by epoch | "
+        "train loss by epoch | train pairs seen | train s | settings |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        drop = "-" if r["drop"] is None else f"{r['drop']:+.3f}"
+        der = "-" if r["deranged"] is None else f"{r['deranged']:.3f}"
+        lines.append(
+            f"| {r['lever']} | {r['test']:.3f} | {der} | {drop} | "
+            + " ".join(f"{v:.3f}" for v in r["val"])
+            + " | "
+            + " ".join(f"{v:.3f}" for v in r["loss"])
+            + f" | {r['seen'][-1]:,} | {r['seconds']:.0f} | `{json.dumps(r['options'])}` |"
+        )
+    (args.root / "levers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rows:
+        a.plot(r["seen"], r["val"], marker="o", label=r["lever"])
+        b.plot(r["seen"], r["loss"], marker="o", label=r["lever"])
+    a.set(xlabel="training pairs seen", ylabel=f"val {key}", title=f"{args.root.name}: val")
+    b.set(xlabel="training pairs seen", ylabel="mean train loss", title="train loss by epoch")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.root / "levers.png", dpi=110)
+    print(f"wrote {args.root / 'levers.md'} and {args.root / 'levers.png'}")
+
+
+if __name__ == "__main__":
+    main()
