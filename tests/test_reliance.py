@@ -35,10 +35,10 @@ def assets(tmp_path_factory):
     return tiny_llm_dir(root / "llm"), tiny_vit_dir(root / "vit")
 
 
-def _build(assets, data, method="mit"):
+def _build(assets, data, method="mit", **task):
     llm, vit = assets
     cfg = TrainConfig(
-        task=TaskConfig(data=data, data_options={"num_samples": 60}),
+        task=TaskConfig(data=data, data_options={"num_samples": 60}, **task),
         model=ModelConfig(llm=str(llm), vision=str(vit)),
         mit=MiTConfig(layers=[3, 4]),
         method=method,
@@ -131,14 +131,7 @@ def test_standardized_modality_has_zero_mean_on_train_and_survives_reload(assets
 def test_unit_and_l2_modality_scales(assets, norm):
     from mmtune.pipeline import collate
 
-    llm, vit = assets
-    cfg = TrainConfig(
-        task=TaskConfig(data="digits-ve", data_options={"num_samples": 60}, modality_norm=norm),
-        model=ModelConfig(llm=str(llm), vision=str(vit)),
-        mit=MiTConfig(layers=[3, 4]),
-        feature_cache=False,
-    )
-    model, splits, _, _ = build(cfg)
+    model, splits, _, _ = _build(assets, "digits-ve", modality_norm=norm)
     batch = collate([splits["train"][i] for i in range(len(splits["train"]))], "classification")
     norms = model.modality(batch).norm(dim=-1)
     if norm == "l2":
@@ -148,12 +141,5 @@ def test_unit_and_l2_modality_scales(assets, norm):
 
 
 def test_a_head_without_the_image_reads_the_text_vector_only(assets):
-    llm, vit = assets
-    cfg = TrainConfig(
-        task=TaskConfig(data="digits-ve", data_options={"num_samples": 60}, head_image=False),
-        model=ModelConfig(llm=str(llm), vision=str(vit)),
-        mit=MiTConfig(layers=[3, 4]),
-        feature_cache=False,
-    )
-    model, _, _, _ = build(cfg)
+    model, _, _, _ = _build(assets, "digits-ve", head_image=False)
     assert model.head.d_image == 0 and model.modality_fields() == {"pooled": "pooled"}

@@ -16,11 +16,8 @@ from mmtune.training.rundir import Finisher, RunLock
 from .conftest import ROOT, last_line
 
 
-def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(
-    make_config, tmp_path, write_yaml, mmtune
-):
-    out = tmp_path / "run"
-    out.mkdir()
+def _hold_lock(out):
+    """A process that holds ``out``'s run lock until it is killed."""
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -34,8 +31,17 @@ def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(
+    make_config, tmp_path, write_yaml, mmtune
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = _hold_lock(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
         start = time.perf_counter()
         proc = mmtune("train", write_yaml(out), "--quiet", "true")
         assert proc.returncode == 2 and time.perf_counter() - start < 30
@@ -51,20 +57,7 @@ def test_a_second_run_on_a_locked_dir_fails_at_once_naming_the_holder(
 def test_the_lock_is_released_when_the_holder_dies(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from pathlib import Path; from "
-            "mmtune.training.rundir import RunLock\nRunLock(Path(sys.argv[1])).__enter__(); "
-            "print('held', flush=True); time.sleep(60)",
-            str(out),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-    )
-    assert holder.stdout.readline().strip() == "held"
+    holder = _hold_lock(out)
     holder.kill()
     holder.wait()
     with RunLock(out):  # kill -9 frees it: no stale lock to clear by hand
