@@ -5,13 +5,16 @@
 Each sub-folder is one `mmtune train` run (configs/levers/*.yaml plus the lever's flags). The
 script reads their results.json, writes ``levers.md`` (test headline, reliance drop, last val,
 train loss, samples seen, seconds) and ``levers.png`` (val headline against training samples
-seen, so runs with more pairs per image line up with the others) in that folder.
+seen, so runs with more pairs per image line up with the others) in that folder. Runs named
+``<lever>-seed<N>`` are also pooled with ``<lever>`` (seed 0) into a mean ± std table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from pathlib import Path
 
 
@@ -24,6 +27,7 @@ def _rows(root: Path) -> list[dict]:
         rows.append(
             {
                 "lever": results.parent.name,
+                "seed": r["config"]["seed"],
                 "key": key,
                 "test": r["headline"][key],
                 "drop": r["reliance"]["drop"],
@@ -67,6 +71,28 @@ def main() -> None:
             + " ".join(f"{v:.3f}" for v in r["loss"])
             + f" | {r['seen'][-1]:,} | {r['seconds']:.0f} | `{json.dumps(r['options'])}` |"
         )
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(re.sub(r"-seed\d+$", "", r["lever"]), []).append(r)
+    pooled = [(k, g) for k, g in groups.items() if len(g) > 1]
+    if pooled:
+        lines += [
+            "",
+            f"| lever | seeds | test {key} (mean ± std) | reliance drop (mean ± std) |",
+            "|---|---|---|---|",
+        ]
+        for k, g in pooled:
+            tests, drops = [r["test"] for r in g], [r["drop"] for r in g if r["drop"] is not None]
+            seeds = ",".join(str(r["seed"]) for r in sorted(g, key=lambda r: r["seed"]))
+            drop = (
+                f"{statistics.mean(drops):+.3f} ± {statistics.stdev(drops):.3f}"
+                if len(drops) > 1
+                else "-"
+            )
+            lines.append(
+                f"| {k} | {seeds} | {statistics.mean(tests):.3f} ± {statistics.stdev(tests):.3f}"
+                f" | {drop} |"
+            )
     (args.root / "levers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -36,10 +36,10 @@ def test_ceilings_of_each_task_say_what_they_see(tmp_path, data):
         ),
         feature_cache=False,
     )
-    result = ceilings(cfg)
+    result = ceilings(cfg, probe_epochs=2)
     names = {
         "digits-ve": {"majority", "text_probe", "image_probe", "joint_probe", "structured_probe"},
-        "shapes-ref": {"every_object", "empty"},
+        "shapes-ref": {"every_object", "empty", "decoder_probe"},
         "movie-sentiment": {"constant", "text_probe", "frames_probe", "joint_probe"},
     }[data]
     assert set(result["ceilings"]) == names
@@ -65,3 +65,29 @@ def test_more_hypotheses_per_image_add_training_pairs_only():
         assert digits_rule(it["text"], it["digit"]) == it["label"]
     seen = {it["id"].split("-h")[0] for it in four.splits["train"].items}
     assert not seen & {it["id"] for it in four.splits["test"].items}
+
+
+def test_more_expressions_per_image_add_training_pairs_only():
+    one = shapes_ref(num_samples=60)
+    four = shapes_ref(num_samples=60, expressions_per_image=4)
+    base = one.splits["train"].items
+    assert len(base) < len(four.splits["train"]) <= 4 * len(base)
+    for split in ("val", "test"):
+        a, b = one.splits[split].items, four.splits[split].items
+        assert [(it["id"], it["expression"]) for it in a] == [
+            (it["id"], it["expression"]) for it in b
+        ]
+    first = {it["id"]: it for it in four.splits["train"].items if "-e" not in it["id"]}
+    assert [(it["id"], it["expression"]) for it in base] == [
+        (k, it["expression"]) for k, it in first.items()
+    ]
+    for it in four.splits["train"].items:  # an extra pair: same scene, another target
+        scene = first[it["image_id"]]
+        assert (it["image"] == scene["image"]).all()
+        assert (it["objects_mask"] >= it["mask"]).all() and it["mask"].any()
+        if it is not scene:
+            assert it["expression"] != scene["expression"]
+    seen = {it["image_id"] for it in four.splits["train"].items}
+    assert not seen & {it["image_id"] for it in four.splits["test"].items}
+    with pytest.raises(ValueError, match="expressions_per_image"):
+        shapes_ref(num_samples=10, expressions_per_image=0)

@@ -11,6 +11,7 @@ import torch
 from jsonargparse import auto_parser, set_parsing_settings
 
 from mmtune import cli
+from mmtune.showcase import DEMO_BENCHMARKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_every_config_parses(path):
         config = cli._train_config_from_yaml(path)
         assert config.task.data and config.output_dir
         if path.parent.name == "demo":
-            assert path.stem in cli.DEMO_CONFIGS and config.task.data == path.stem
+            assert path.stem in DEMO_BENCHMARKS and config.task.data == path.stem
 
 
 def test_train_command_takes_a_yaml_then_overrides(monkeypatch, tmp_path):

@@ -13,7 +13,11 @@ on the test split with the project's metric conventions (:mod:`mmtune.metrics`):
 - sentiment: ``constant`` (the training mean); ``text_probe`` (ridge on word counts);
   ``frames_probe`` (ridge on each modality's mean frame); ``joint_probe`` (both);
 - segmentation: ``every_object`` (the union of every object's mask, where the data has it: the
-  answer of a model that segments objects but ignores the expression); ``empty`` (no pixel).
+  answer of a model that segments objects but ignores the expression); ``empty`` (no pixel);
+  ``decoder_probe``: the project's segmentation decoder trained alone (AdamW, lr 1e-3, batch
+  8, DICE + 0.5 BCE, ``probe_epochs`` epochs, the last one scored) on the frozen encoder's
+  three feature maps and a one-hot code of the expression string - perfect reading of the
+  words, no language model - the ceiling of the decoder at this data size.
 
 The text method (the frozen LLM without the modality) is the other floor; it is a row of the
 method table, trained like every method.
@@ -171,7 +175,72 @@ def _sentiment(data: Any, modalities: list[str]) -> dict[str, Any]:
     return out
 
 
-def _segmentation(data: Any) -> dict[str, Any]:
+def _decoder_probe(
+    data: Any, levels: dict[str, dict[str, Any]], pixel_size: int, epochs: int, seed: int = 0
+) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from mmtune.heads.losses import segmentation_loss
+    from mmtune.heads.segmentation import SegmentationDecoder
+
+    torch.manual_seed(seed)
+    train, test = data.splits["train"], data.splits["test"]
+    words = sorted({str(train[i]["expression"]) for i in range(len(train))})
+    code = {w: i for i, w in enumerate(words)}
+    eye = torch.eye(len(words) + 1)  # the last row: an expression never seen in training
+
+    def text(split: Any) -> torch.Tensor:
+        return eye[[code.get(str(split[i]["expression"]), len(words)) for i in range(len(split))]]
+
+    def masks(split: Any) -> torch.Tensor:  # (N, 1, S, S) at the encoder's input size
+        m = torch.stack(
+            [torch.as_tensor(np.asarray(split[i]["mask"], np.float32)) for i in range(len(split))]
+        )[:, None]
+        return F.interpolate(m, size=(pixel_size, pixel_size), mode="nearest")
+
+    feats = {k: levels["train"][k] for k in ("level0", "level1", "level2")}
+    channels = tuple(int(feats[f"level{i}"].shape[1]) for i in range(3))
+    decoder = SegmentationDecoder(channels, len(words) + 1)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.01)
+    t_train, m_train = text(train), masks(train)
+    g = torch.Generator().manual_seed(seed)
+    size = (pixel_size, pixel_size)
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=g)
+        for s in range(0, len(order), 8):
+            idx = order[s : s + 8]
+            logits = decoder([feats[f"level{i}"][idx] for i in range(3)], t_train[idx], size)
+            loss = segmentation_loss(logits, m_train[idx], 0.5)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    decoder.eval()
+    t_test, pairs = text(test), []
+    with torch.no_grad():
+        for s in range(0, len(test), 32):
+            idx = torch.arange(s, min(s + 32, len(test)))
+            lv = [levels["test"][f"level{i}"][idx] for i in range(3)]
+            logits = decoder(lv, t_test[idx], size)
+            for r, i in enumerate(idx.tolist()):
+                truth = np.asarray(test[i]["mask"], bool)
+                up = F.interpolate(
+                    logits[r : r + 1], size=truth.shape, mode="bilinear", align_corners=False
+                )
+                pairs.append(mask_intersection_union((up[0, 0] > 0).numpy(), truth))
+    return {
+        "sees": "the frozen encoder's three feature maps and a one-hot code of the expression "
+        f"({len(words)} distinct in training): the segmentation decoder alone, {epochs} epochs",
+        **segmentation_metrics([p[0] for p in pairs], [p[1] for p in pairs])["metrics"],
+    }
+
+
+def _segmentation(
+    data: Any,
+    levels: dict[str, dict[str, Any]] | None = None,
+    pixel_size: int = 0,
+    probe_epochs: int = 30,
+) -> dict[str, Any]:
     test = data.splits["test"]
     out: dict[str, Any] = {}
     items = [test[i] for i in range(len(test))]
@@ -186,11 +255,15 @@ def _segmentation(data: Any) -> dict[str, Any]:
         "sees": "nothing: no pixel",
         **segmentation_metrics([p[0] for p in pairs], [p[1] for p in pairs])["metrics"],
     }
+    if levels is not None and probe_epochs > 0:
+        out["decoder_probe"] = _decoder_probe(data, levels, pixel_size, probe_epochs)
     return out
 
 
-def ceilings(cfg: Any) -> dict[str, Any]:
-    """Ceilings of the benchmark named by a TrainConfig's task (its data and encoder)."""
+def ceilings(cfg: Any, probe_epochs: int = 30) -> dict[str, Any]:
+    """Ceilings of the benchmark named by a TrainConfig's task (its data and encoder).
+
+    ``probe_epochs``: segmentation's decoder probe (0: skip it)."""
     import dataclasses
 
     from mmtune.encoders.vision import encode_images, load_vision_encoder
@@ -200,28 +273,33 @@ def ceilings(cfg: Any) -> dict[str, Any]:
     data = _load_data(cfg.task)
     name = cfg.task.data
     result: dict[str, Any] = {"data": data.name, "task": data.task, "sizes": data.sizes()}
-    if data.task == "classification":
-        encoder = load_vision_encoder(cfg.model.vision)
-        if cfg.model.image_size:
-            size = cfg.model.image_size
-            encoder.preprocess = dataclasses.replace(
-                encoder.preprocess, size=size, resize=max(size, round(size * 256 / 224))
-            )
-        cache = FeatureCache() if cfg.feature_cache else None
-        feats = {
-            split: encode_images(
-                encoder,
-                _images(data.splits[split]),
-                levels=False,
-                cache=cache,
-                name=f"{name}-{split}-pooled".replace("/", "_"),
-            )["pooled"].numpy()
-            for split in ("train", "test")
-        }
-        result["encoder"] = encoder.cache_id
-        result["ceilings"] = _classification(data, feats, name)
-    elif data.task == "sentiment":
+    if data.task == "sentiment":
         result["ceilings"] = _sentiment(data, list(cfg.task.modalities))
+        return result
+    encoder = load_vision_encoder(cfg.model.vision)
+    if cfg.model.image_size:
+        size = cfg.model.image_size
+        encoder.preprocess = dataclasses.replace(
+            encoder.preprocess, size=size, resize=max(size, round(size * 256 / 224))
+        )
+    segmentation = data.task == "segmentation"
+    if segmentation:  # as in training: the whole image, squashed
+        encoder.preprocess = dataclasses.replace(encoder.preprocess, resize=None)
+    cache = FeatureCache() if cfg.feature_cache else None
+    feats = {
+        split: encode_images(
+            encoder,
+            _images(data.splits[split]),
+            levels=segmentation,
+            cache=cache,
+            name=f"{name}-{split}-{'levels' if segmentation else 'pooled'}".replace("/", "_"),
+        )
+        for split in ("train", "test")
+    }
+    result["encoder"] = encoder.cache_id
+    if segmentation:
+        result["ceilings"] = _segmentation(data, feats, encoder.preprocess.size, probe_epochs)
     else:
-        result["ceilings"] = _segmentation(data)
+        pooled = {k: v["pooled"].numpy() for k, v in feats.items()}
+        result["ceilings"] = _classification(data, pooled, name)
     return result

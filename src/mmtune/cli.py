@@ -25,47 +25,62 @@ from mmtune.pipeline import TaskConfig
 from mmtune.train import Method, ModelConfig, OptimConfig, TrainConfig
 from mmtune.utils.io import atomic_write
 
-DEMO_CONFIGS = ("shapes-ref", "digits-ve", "movie-sentiment")
 
-
-def demo(configs: Path = Path("configs/demo"), quiet: bool = False) -> None:
-    """The main job: MiT on SmolLM2-135M (+ MobileNetV2) over the three mini-benchmarks.
+def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> None:
+    """The main job: MiT beside the text-only method on the three mini-benchmarks, with each
+    run's reliance on the modality (the metric with every sample's modality taken from another
+    sample). SmolLM2-135M (frozen) + MobileNetV2 (frozen), on the CPU.
 
     Args:
-        configs: folder holding shapes-ref.yaml, digits-ve.yaml and movie-sentiment.yaml.
-        quiet: no progress bars.
+        configs: folder holding shapes-ref.yaml, digits-ve.yaml and movie-sentiment.yaml (the
+            MiT runs; the text-only run is the same file with method text).
+        workers: runs trained at once (default min(2, CPU count), a CPU thread share each).
     """
     import time
 
-    start = time.perf_counter()
-    rows = []
-    for name in DEMO_CONFIGS:
-        path = configs / f"{name}.yaml"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such demo config")
-        config = _train_config_from_yaml(path)
-        print(f"\n== {name}: {path}", file=sys.stderr)
-        from mmtune.train import train as run
+    from mmtune.showcase import DEMO_BENCHMARKS, DEMO_METHODS, run_demo
 
-        results = run(config, progress=not quiet)
-        rows.append((name, results))
-    print(f"\nMiT on SmolLM2-135M, test splits ({time.perf_counter() - start:.0f} s in all):")
-    print(f"  {'benchmark':<16} {'n':>5}  metrics")
-    for name, r in rows:
-        m = r["metrics"]
-        shown = {
-            "segmentation": ("oIoU", "mIoU", "prec@0.5"),
-            "classification": ("accuracy", "f1_macro"),
-            "sentiment": ("mae", "corr", "acc2_has0", "acc7"),
-        }[r["task"]]
-        print(
-            f"  {name:<16} {m['num_samples']:>5}  "
-            + ", ".join(f"{k} {m[k]:.3f}" for k in shown)
-            + f"  (train {r['train_seconds']:.0f} s)"
-        )
+    start = time.perf_counter()
+
+    def event(kind: str, name: str, info: dict) -> None:
+        if kind == "done":
+            print(
+                f"  done {name:<24} {info['wall_seconds']:5.0f} s  ({info['elapsed']:.0f} s in)",
+                file=sys.stderr,
+            )
+
+    print(
+        f"mmtune demo: {len(DEMO_BENCHMARKS) * len(DEMO_METHODS)} runs from {configs}/ "
+        "(MiT and text-only on each benchmark), several at once; each prints when it ends",
+        file=sys.stderr,
+    )
+    cells = run_demo(configs, workers=workers, on_event=event)
+    shown = {
+        "segmentation": ("oIoU", "mIoU", "prec@0.5"),
+        "classification": ("accuracy", "f1_macro"),
+        "sentiment": ("mae", "corr", "acc2_has0", "acc7"),
+    }
+    print(f"\nSmolLM2-135M, frozen; test splits ({time.perf_counter() - start:.0f} s in all):")
+    print(f"  {'benchmark':<16} {'method':<6} {'n':>5}  metrics  | reliance")
+    for name in DEMO_BENCHMARKS:
+        for method in DEMO_METHODS:
+            r = cells[(name, method)]
+            m, rel = r["metrics"], r["reliance"]
+            reliance = (
+                "no modality read"
+                if rel.get("drop") is None
+                else f"{rel['metric']} {rel['headline']:.3f} -> {rel['deranged']:.3f} deranged "
+                f"(drop {rel['drop']:+.3f})"
+            )
+            print(
+                f"  {name:<16} {method:<6} {m['num_samples']:>5}  "
+                + ", ".join(f"{k} {m[k]:.3f}" for k in shown[r["task"]])
+                + f"  | {reliance}"
+            )
     print(
         "Pictures (curves, masks, scatter) and results.json: "
-        + ", ".join(r["config"]["output_dir"] for _, r in rows)
+        + ", ".join(cells[(n, "mit")]["output_dir"] for n in DEMO_BENCHMARKS)
+        + " (and each with -text)"
     )
 
 
@@ -318,17 +333,18 @@ def _reliance_line(r: dict) -> str:
     )
 
 
-def ceilings(benchmark: Path, output: Path | None = None) -> None:
+def ceilings(benchmark: Path, output: Path | None = None, probe_epochs: int = 30) -> None:
     """Ceilings of a benchmark: the trivial answers and scikit-learn probes on its test split.
 
     Args:
         benchmark: a train config YAML (its task and model name the data and the encoder).
         output: also write the result to this JSON file.
+        probe_epochs: segmentation: epochs of the decoder probe (0: skip it).
     """
     from mmtune.ceilings import ceilings as run_ceilings
     from mmtune.utils.io import write_json
 
-    result = run_ceilings(_train_config_from_yaml(benchmark))
+    result = run_ceilings(_train_config_from_yaml(benchmark), probe_epochs)
     if output is not None:
         write_json(output, result)
     print(f"{result['data']} ({result['task']}), test split:")

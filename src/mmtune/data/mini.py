@@ -132,7 +132,8 @@ def _scene(
     choices = [(t, e) for t in range(len(objects)) for e in _expressions(objects, t)]
     if not choices:
         return None
-    t, expression = choices[int(rng.integers(0, len(choices)))]
+    pick = int(rng.integers(0, len(choices)))
+    t, expression = choices[pick]
     image = np.full((size, size, 3), 235, np.float64)
     image += rng.normal(0, 6, size=image.shape)  # paper texture
     for o in objects:
@@ -143,6 +144,8 @@ def _scene(
         "expression": expression,
         "num_objects": len(objects),
         "objects_mask": np.any([o["mask"] for o in objects], axis=0),  # the every-object answer
+        # the other (object, expression) pairs of this scene, for expressions_per_image > 1
+        "_others": [(objects[c]["mask"], e) for j, (c, e) in enumerate(choices) if j != pick],
     }
     if with_objects:  # attributes only (no masks), for the VQA questions and captions
         scene["objects"] = [{k: o[k] for k in ("shape", "colour", "big", "cx")} for o in objects]
@@ -154,15 +157,40 @@ def shapes_ref(
     image_size: int = 112,
     seed: int = 0,
     fractions: tuple[float, float] = (0.15, 0.25),
+    expressions_per_image: int = 1,
 ) -> DataSplits:
-    """Referring segmentation on rendered shapes; deterministic given the arguments."""
+    """Referring segmentation on rendered shapes; deterministic given the arguments.
+
+    Every scene has one expression (object and wording drawn uniformly among those that pick
+    exactly one object). With ``expressions_per_image`` k > 1, each *training* scene gets up to
+    k - 1 more of its other valid (object, expression) pairs, drawn without replacement by a
+    second seeded generator; the scenes, the splits and the val/test items stay exactly those
+    of k = 1, so no val/test image is ever seen in training. Extra items share the scene's
+    ``image_id``."""
+    if expressions_per_image < 1:
+        raise ValueError(f"expressions_per_image must be >= 1, got {expressions_per_image}")
     rng = np.random.default_rng(seed)
     items: list[dict[str, Any]] = []
+    others: list[list[tuple[np.ndarray, str]]] = []
     while len(items) < num_samples:
         scene = _scene(rng, image_size)
         if scene is not None:
-            items.append({**scene, "id": f"shapes-{seed}-{len(items)}"})
+            others.append(scene.pop("_others"))
+            sid = f"shapes-{seed}-{len(items)}"
+            items.append({**scene, "id": sid, "image_id": sid})
     splits = _three_splits(items, fractions)
+    if expressions_per_image > 1:
+        more = np.random.default_rng([seed, 1])
+        train = []
+        for item, extra in zip(splits["train"].items, others, strict=False):
+            train.append(item)
+            chosen = more.permutation(len(extra))[: expressions_per_image - 1]
+            for j, c in enumerate(chosen):
+                mask, expression = extra[int(c)]
+                train.append(
+                    {**item, "id": f"{item['id']}-e{j + 1}", "mask": mask, "expression": expression}
+                )
+        splits["train"] = ListDataset(train)
 
     def describe(item: dict[str, Any]) -> dict[str, Any]:
         return {
