@@ -1,8 +1,9 @@
 """Decoder probe for shapes-ref (modality issue): can the segmentation decoder, on its own,
 segment the *named* object, and how much data does it need?
 
-It trains only ``mmtune.heads.SegmentationDecoder`` on the frozen encoder's feature maps and a
-fixed vector per expression, so an epoch takes seconds instead of minutes:
+It trains only the segmentation decoder (``mmtune.ceilings.decoder_probe``, the function behind
+the ceilings' ``decoder_probe`` row) on the frozen encoder's feature maps and a fixed vector per
+expression, so an epoch takes seconds instead of minutes:
 
 - ``--text llm``: the frozen LLM's pooled prompt vector (what the text method's decoder sees;
   MiT adds the infusion to it);
@@ -22,13 +23,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mmtune.heads.losses import segmentation_loss
-from mmtune.heads.segmentation import SegmentationDecoder
-from mmtune.metrics import mask_intersection_union, segmentation_metrics
-from mmtune.pipeline import TaskConfig, collate
+from mmtune.ceilings import decoder_probe
+from mmtune.pipeline import TaskConfig
 from mmtune.train import ModelConfig, TrainConfig, build
 
 
@@ -44,27 +42,6 @@ def text_vectors(model, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
             vec = model.text_vector({"expression": chunk, "id": chunk}, None)
             out.update({t: v for t, v in zip(chunk, vec, strict=True)})
     return out
-
-
-def score(decoder, ds, vectors, pixel_size, batch_size=32) -> dict[str, float]:
-    inter, union = [], []
-    decoder.eval()
-    with torch.no_grad():
-        for start in range(0, len(ds), batch_size):
-            items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-            batch = collate(items, "segmentation", pixel_size)
-            text = torch.stack([vectors[e] for e in batch["expression"]])
-            logits = decoder([batch[f"level{i}"] for i in range(3)], text, batch["pixel_size"])
-            for r, truth in enumerate(batch["original_masks"]):
-                up = torch.nn.functional.interpolate(
-                    logits[r : r + 1], size=truth.shape, mode="bilinear", align_corners=False
-                )
-                i, u = mask_intersection_union((up[0, 0] > 0).numpy(), truth)
-                inter.append(i)
-                union.append(u)
-    decoder.train()
-    m = segmentation_metrics(inter, union)["metrics"]
-    return {k: m[k] for k in ("oIoU", "mIoU", "prec@0.5")}
 
 
 def main() -> None:
@@ -98,35 +75,32 @@ def main() -> None:
     vectors = text_vectors(model, texts, args.text)
     d_text = next(iter(vectors.values())).numel()
     pixel_size = info["model"]["pixel_size"]
-    decoder = SegmentationDecoder(tuple(info["model"]["level_channels"]), d_text)
-    opt = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=0.01)
-    train = splits["train"]
-    g = torch.Generator().manual_seed(args.seed)
     curve = []
     setup_s = time.perf_counter() - start
-    for epoch in range(1, args.epochs + 1):
-        t0, losses = time.perf_counter(), []
-        order = torch.randperm(len(train), generator=g).tolist()
-        for s in range(0, len(order), args.batch_size):
-            batch = collate(
-                [train[i] for i in order[s : s + args.batch_size]], "segmentation", pixel_size
-            )
-            text = torch.stack([vectors[e] for e in batch["expression"]])
-            logits = decoder([batch[f"level{i}"] for i in range(3)], text, batch["pixel_size"])
-            loss = segmentation_loss(logits, batch["mask"], args.bce_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        row = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "val": score(decoder, splits["val"], vectors, pixel_size),
-            "test": score(decoder, splits["test"], vectors, pixel_size),
-            "seconds": time.perf_counter() - t0,
-        }
+    last = [time.perf_counter()]
+
+    def on_epoch(epoch: int, loss: float, scores: dict[str, dict[str, float]]) -> None:
+        keep = ("oIoU", "mIoU", "prec@0.5")
+        row = {"epoch": epoch, "train_loss": loss}
+        row.update({split: {k: m[k] for k in keep} for split, m in scores.items()})
+        row["seconds"] = time.perf_counter() - last[0]
+        last[0] = time.perf_counter()
         curve.append(row)
         print(json.dumps(row), flush=True)
+
+    decoder_probe(
+        splits["train"],
+        {"val": splits["val"], "test": splits["test"]},
+        lambda expressions: torch.stack([vectors[e] for e in expressions]),
+        d_text,
+        pixel_size,
+        args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        bce_weight=args.bce_weight,
+        seed=args.seed,
+        on_epoch=on_epoch,
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "probe": "SegmentationDecoder alone on frozen MobileNetV2 maps + a fixed text vector",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
-from mmtune.ceilings import ceilings, digits_rule
+from mmtune.ceilings import ceilings, decoder_probe, digits_rule
 from mmtune.data.mini import digits_ve, shapes_ref
 from mmtune.pipeline import TaskConfig
 from mmtune.train import ModelConfig, TrainConfig
@@ -91,3 +94,39 @@ def test_more_expressions_per_image_add_training_pairs_only():
     assert not seen & {it["image_id"] for it in four.splits["test"].items}
     with pytest.raises(ValueError, match="expressions_per_image"):
         shapes_ref(num_samples=10, expressions_per_image=0)
+
+
+def test_the_decoder_probe_learns_a_mask_the_text_names_and_reports_a_curve():
+    # Every scene has an object on the left and one on the right (channels 0 and 1 of the maps
+    # show both); the text names one. Segmenting both would score an IoU of 0.5.
+    torch.manual_seed(0)
+    left, right = np.zeros((16, 16), bool), np.zeros((16, 16), bool)
+    left[4:12, 1:7], right[4:12, 9:15] = True, True
+    both = torch.stack(
+        [torch.as_tensor(left, dtype=torch.float32), torch.as_tensor(right, dtype=torch.float32)]
+    )
+    items = []
+    for i in range(48):
+        side = ("left", "right")[i % 2]
+        levels = {}
+        for k in range(3):
+            noise = 0.1 * torch.randn(4, 8 // 2**k, 8 // 2**k)
+            noise[:2] += F.adaptive_avg_pool2d(both, 8 // 2**k)
+            levels[f"level{k}"] = noise
+        mask = left if side == "left" else right
+        items.append({"id": str(i), "expression": side, "mask": mask, **levels})
+    eye = torch.eye(2)
+    curve = []
+    scores = decoder_probe(
+        items[:32],
+        {"test": items[32:]},
+        lambda expressions: eye[[("left", "right").index(e) for e in expressions]],
+        d_text=2,
+        pixel_size=16,
+        epochs=12,
+        on_epoch=lambda epoch, loss, s: curve.append((epoch, loss, s["test"]["oIoU"])),
+    )
+    assert [c[0] for c in curve] == list(range(1, 13))
+    assert scores["test"]["oIoU"] == curve[-1][2]
+    assert curve[-1][1] < curve[0][1]  # the loss falls
+    assert scores["test"]["prec@0.5"] > 0.9  # the named half, not both

@@ -12,6 +12,7 @@ from jsonargparse import auto_parser, set_parsing_settings
 
 from mmtune import cli
 from mmtune.showcase import DEMO_BENCHMARKS
+from mmtune.train import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def test_every_config_parses(path):
         parser = auto_parser(cli.smoke, as_positional=False)
         assert parser.instantiate(parser.parse_path(str(path))).settings.steps > 0
     else:  # training runs: the same path `mmtune train CONFIG.yaml` and `mmtune demo` take
-        config = cli._train_config_from_yaml(path)
+        config = load_train_config(path)
         assert config.task.data and config.output_dir
         if path.parent.name == "demo":
             assert path.stem in DEMO_BENCHMARKS and config.task.data == path.stem
@@ -160,3 +161,13 @@ def test_data_inspect_knows_the_mini_benchmarks(capsys):
     out = capsys.readouterr().out
     assert "digits-ve (mini): task classification; 1,797 samples" in out
     assert "sample 2 of test:" in out and "digit:" in out
+
+
+def test_a_train_yaml_with_an_unknown_field_is_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("task:\n  data: digits-ve\noptim:\n  epoch: 3\n")  # epochs, misspelt
+    with pytest.raises(ValueError, match=r"bad\.yaml: .*'optim'.*'epoch'"):
+        load_train_config(path)
+    path.write_text("task:\n  data: digits-ve\n  modality_norm: l2\noptim:\n  epochs: 3\n")
+    config = load_train_config(path)
+    assert config.optim.epochs == 3 and config.task.modality_norm == "l2"

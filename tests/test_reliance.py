@@ -143,3 +143,20 @@ def test_unit_and_l2_modality_scales(assets, norm):
 def test_a_head_without_the_image_reads_the_text_vector_only(assets):
     model, _, _, _ = _build(assets, "digits-ve", head_image=False)
     assert model.head.d_image == 0 and model.modality_fields() == {"pooled": "pooled"}
+
+
+def test_a_run_saved_before_modality_norm_existed_loads_with_i_unscaled(tmp_path):
+    import json
+    import warnings
+    from dataclasses import asdict
+
+    from mmtune.evaluate import load_config
+
+    raw = asdict(TrainConfig(task=TaskConfig(data="digits-ve")))
+    del raw["task"]["modality_norm"]  # a 0.2 run's config.json
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text(json.dumps(raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it records no SHA-256, like runs before 0.2
+        assert load_config(tmp_path).task.modality_norm == "none"
+    assert TaskConfig().modality_norm == "l2"  # while new runs scale it to unit norm

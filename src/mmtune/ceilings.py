@@ -26,6 +26,7 @@ method table, trained like every method.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ from mmtune.metrics import (
     sentiment_metrics,
 )
 
-__all__ = ["ceilings", "digits_rule"]
+__all__ = ["ceilings", "decoder_probe", "digits_rule"]
 
 
 def digits_rule(text: str, digit: int) -> int:
@@ -175,63 +176,110 @@ def _sentiment(data: Any, modalities: list[str]) -> dict[str, Any]:
     return out
 
 
-def _decoder_probe(
-    data: Any, levels: dict[str, dict[str, Any]], pixel_size: int, epochs: int, seed: int = 0
-) -> dict[str, Any]:
+def decoder_probe(
+    train: Sequence[dict[str, Any]],
+    evals: dict[str, Sequence[dict[str, Any]]],
+    text_of: Callable[[list[str]], Any],
+    d_text: int,
+    pixel_size: int,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    bce_weight: float = 0.5,
+    seed: int = 0,
+    on_epoch: Callable[[int, float, dict[str, dict[str, float]]], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Train the segmentation decoder alone on precomputed maps; its metrics on each eval split.
+
+    Items are split items as :func:`mmtune.pipeline.collate` takes them (``level0..2``,
+    ``mask``, ``expression``); ``text_of(expressions) -> (B, d_text)`` is the fixed text vector
+    (a one-hot code, or a frozen LLM's pooled prompt vector). AdamW (weight decay 0.01), DICE +
+    ``bce_weight`` BCE. Scores follow the project's conventions (logit > 0 at the original
+    size; :func:`mmtune.metrics.segmentation_metrics`). ``on_epoch(epoch, mean train loss,
+    {split: metrics})``, when given, is called after every epoch with every eval split scored
+    (a learning curve); otherwise only the last epoch is scored."""
     import torch
     import torch.nn.functional as F
 
     from mmtune.heads.losses import segmentation_loss
     from mmtune.heads.segmentation import SegmentationDecoder
+    from mmtune.pipeline import collate
 
     torch.manual_seed(seed)
-    train, test = data.splits["train"], data.splits["test"]
-    words = sorted({str(train[i]["expression"]) for i in range(len(train))})
-    code = {w: i for i, w in enumerate(words)}
-    eye = torch.eye(len(words) + 1)  # the last row: an expression never seen in training
-
-    def text(split: Any) -> torch.Tensor:
-        return eye[[code.get(str(split[i]["expression"]), len(words)) for i in range(len(split))]]
-
-    def masks(split: Any) -> torch.Tensor:  # (N, 1, S, S) at the encoder's input size
-        m = torch.stack(
-            [torch.as_tensor(np.asarray(split[i]["mask"], np.float32)) for i in range(len(split))]
-        )[:, None]
-        return F.interpolate(m, size=(pixel_size, pixel_size), mode="nearest")
-
-    feats = {k: levels["train"][k] for k in ("level0", "level1", "level2")}
-    channels = tuple(int(feats[f"level{i}"].shape[1]) for i in range(3))
-    decoder = SegmentationDecoder(channels, len(words) + 1)
-    opt = torch.optim.AdamW(decoder.parameters(), lr=1e-3, weight_decay=0.01)
-    t_train, m_train = text(train), masks(train)
+    channels = tuple(int(train[0][f"level{i}"].shape[0]) for i in range(3))
+    decoder = SegmentationDecoder(channels, d_text)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
-    size = (pixel_size, pixel_size)
-    for _ in range(epochs):
-        order = torch.randperm(len(train), generator=g)
-        for s in range(0, len(order), 8):
-            idx = order[s : s + 8]
-            logits = decoder([feats[f"level{i}"][idx] for i in range(3)], t_train[idx], size)
-            loss = segmentation_loss(logits, m_train[idx], 0.5)
+
+    def forward(batch: dict[str, Any]) -> Any:
+        levels = [batch[f"level{i}"] for i in range(3)]
+        return decoder(levels, text_of(batch["expression"]), batch["pixel_size"])
+
+    def score(items: Sequence[dict[str, Any]]) -> dict[str, float]:
+        inter, union = [], []
+        decoder.eval()
+        with torch.no_grad():
+            for s in range(0, len(items), 32):
+                chunk = [items[i] for i in range(s, min(s + 32, len(items)))]
+                batch = collate(chunk, "segmentation", pixel_size)
+                logits = forward(batch)
+                for r, truth in enumerate(batch["original_masks"]):
+                    up = F.interpolate(
+                        logits[r : r + 1], size=truth.shape, mode="bilinear", align_corners=False
+                    )
+                    i, u = mask_intersection_union((up[0, 0] > 0).numpy(), truth)
+                    inter.append(i)
+                    union.append(u)
+        decoder.train()
+        return segmentation_metrics(inter, union)["metrics"]
+
+    scores: dict[str, dict[str, float]] = {}
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(train), generator=g).tolist()
+        losses = []
+        for s in range(0, len(order), batch_size):
+            batch = collate(
+                [train[i] for i in order[s : s + batch_size]], "segmentation", pixel_size
+            )
+            loss = segmentation_loss(forward(batch), batch["mask"], bce_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    decoder.eval()
-    t_test, pairs = text(test), []
-    with torch.no_grad():
-        for s in range(0, len(test), 32):
-            idx = torch.arange(s, min(s + 32, len(test)))
-            lv = [levels["test"][f"level{i}"][idx] for i in range(3)]
-            logits = decoder(lv, t_test[idx], size)
-            for r, i in enumerate(idx.tolist()):
-                truth = np.asarray(test[i]["mask"], bool)
-                up = F.interpolate(
-                    logits[r : r + 1], size=truth.shape, mode="bilinear", align_corners=False
-                )
-                pairs.append(mask_intersection_union((up[0, 0] > 0).numpy(), truth))
+            losses.append(float(loss.item()))
+        if on_epoch is not None or epoch == epochs:
+            scores = {name: score(items) for name, items in evals.items()}
+        if on_epoch is not None:
+            on_epoch(epoch, float(np.mean(losses)), scores)
+    return scores
+
+
+def _onehot_probe(
+    data: Any, levels: dict[str, dict[str, Any]], pixel_size: int, epochs: int
+) -> dict[str, Any]:
+    import torch
+
+    def items(split: str) -> list[dict[str, Any]]:
+        ds = data.splits[split]
+        return [
+            {**ds[i], **{f"level{k}": levels[split][f"level{k}"][i] for k in range(3)}}
+            for i in range(len(ds))
+        ]
+
+    train = items("train")
+    words = sorted({str(it["expression"]) for it in train})
+    code = {w: i for i, w in enumerate(words)}
+    eye = torch.eye(len(words) + 1)  # the last row: an expression never seen in training
+
+    def text_of(expressions: list[str]) -> Any:
+        return eye[[code.get(str(e), len(words)) for e in expressions]]
+
+    scores = decoder_probe(
+        train, {"test": items("test")}, text_of, len(words) + 1, pixel_size, epochs
+    )
     return {
         "sees": "the frozen encoder's three feature maps and a one-hot code of the expression "
         f"({len(words)} distinct in training): the segmentation decoder alone, {epochs} epochs",
-        **segmentation_metrics([p[0] for p in pairs], [p[1] for p in pairs])["metrics"],
+        **scores["test"],
     }
 
 
@@ -256,7 +304,7 @@ def _segmentation(
         **segmentation_metrics([p[0] for p in pairs], [p[1] for p in pairs])["metrics"],
     }
     if levels is not None and probe_epochs > 0:
-        out["decoder_probe"] = _decoder_probe(data, levels, pixel_size, probe_epochs)
+        out["decoder_probe"] = _onehot_probe(data, levels, pixel_size, probe_epochs)
     return out
 
 

@@ -22,7 +22,7 @@ from mmtune.methods.mit import MiTConfig
 from mmtune.methods.mrt import MRTConfig
 from mmtune.models.lmm import LMMConfig
 from mmtune.pipeline import TaskConfig
-from mmtune.train import Method, ModelConfig, OptimConfig, TrainConfig
+from mmtune.train import Method, ModelConfig, OptimConfig, TrainConfig, load_train_config
 from mmtune.utils.io import atomic_write
 
 
@@ -82,16 +82,6 @@ def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> No
         + ", ".join(cells[(n, "mit")]["output_dir"] for n in DEMO_BENCHMARKS)
         + " (and each with -text)"
     )
-
-
-def _train_config_from_yaml(path: Path) -> TrainConfig:
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser()
-    parser.add_function_arguments(train, skip={"quiet"})
-    ns = parser.parse_path(str(path))
-    init = parser.instantiate(ns)
-    return TrainConfig(**{k: v for k, v in vars(init).items() if k != "__path__"})
 
 
 def smoke(
@@ -344,7 +334,7 @@ def ceilings(benchmark: Path, output: Path | None = None, probe_epochs: int = 30
     from mmtune.ceilings import ceilings as run_ceilings
     from mmtune.utils.io import write_json
 
-    result = run_ceilings(_train_config_from_yaml(benchmark), probe_epochs)
+    result = run_ceilings(load_train_config(benchmark), probe_epochs)
     if output is not None:
         write_json(output, result)
     print(f"{result['data']} ({result['task']}), test split:")

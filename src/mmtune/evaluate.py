@@ -54,7 +54,8 @@ def load_config(run: str | Path) -> TrainConfig:
         return TrainConfig(
             **{
                 **raw,
-                "task": TaskConfig(**raw["task"]),
+                # runs made before the field existed scaled I not at all
+                "task": TaskConfig(**{"modality_norm": "none", **raw["task"]}),
                 "model": ModelConfig(**model),
                 "mit": MiTConfig(**raw["mit"]),
                 "concat": ConcatConfig(**raw.get("concat", {})),

@@ -81,11 +81,12 @@ class TaskConfig:
     """Sentiment: the paper's RMSE, or L1."""
     max_train_samples: int | None = None
     """Use only the first N training samples (quick runs)."""
-    modality_norm: Literal["none", "standardize", "unit", "l2"] = "none"
-    """Image tasks: how the frozen image vector is scaled before it becomes MiT's I. ``none``:
-    as the encoder gives it; ``standardize``: per dimension, minus the training split's mean,
-    divided by its standard deviation (the statistics are saved with the run); ``unit``: that,
-    divided by sqrt(d_I) (expected L2 norm 1); ``l2``: each vector divided by its L2 norm."""
+    modality_norm: Literal["none", "standardize", "unit", "l2"] = "l2"
+    """Image tasks: how the frozen image vector is scaled before it becomes MiT's I. ``l2``
+    (the default, from the lever study in the README): each vector divided by its L2 norm;
+    ``none``: as the encoder gives it (runs made before 0.3); ``standardize``: per dimension,
+    minus the training split's mean, divided by its standard deviation (the statistics are
+    saved with the run); ``unit``: that, divided by sqrt(d_I) (expected L2 norm 1)."""
     head_image: bool = True
     """Classification: the head reads [image vector; pooled text] (the paper's head). False:
     the pooled text only, so the image reaches the prediction through the LLM alone."""

@@ -37,10 +37,9 @@ def _cell(path: str, method: str, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     from dataclasses import replace
 
-    from mmtune.cli import _train_config_from_yaml
-    from mmtune.train import train
+    from mmtune.train import load_train_config, train
 
-    cfg = _train_config_from_yaml(Path(path))
+    cfg = load_train_config(path)
     if method != cfg.method:
         cfg = replace(cfg, method=method, output_dir=f"{cfg.output_dir}-{method}")
     cfg = replace(cfg, overwrite=True)  # the demo's own run directories are re-made each time

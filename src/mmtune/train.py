@@ -18,6 +18,7 @@ writing before any work, locked for the run's life, refused when it holds anothe
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -68,7 +69,15 @@ from mmtune.utils.io import (
     write_manifest,
 )
 
-__all__ = ["ModelConfig", "OptimConfig", "TrainConfig", "evaluate_split", "load_trainable", "train"]
+__all__ = [
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "evaluate_split",
+    "load_train_config",
+    "load_trainable",
+    "train",
+]
 
 
 @dataclass
@@ -179,6 +188,24 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite: choose one")
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig a YAML file describes, exactly as ``mmtune train PATH`` reads it.
+
+    The file's keys are TrainConfig's fields (``task:``, ``optim:`` ...); jsonargparse checks
+    every key and type, so a misspelt field is a one-line error naming it. Nothing in the file
+    is executed (yaml safe loading)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TrainConfig)
+    try:
+        ns = parser.parse_path(str(path))
+    except argparse.ArgumentError as e:
+        raise ValueError(f"{path}: {e}") from None
+    init = parser.instantiate_classes(ns)
+    return TrainConfig(**{k: v for k, v in vars(init).items() if k != "__path__"})
 
 
 # ----------------------------------------------------------------------------- data
