@@ -22,9 +22,14 @@ def test_demo_trains_mit_and_text_on_each_benchmark_and_reports_reliance(tmp_pat
             f"feature_cache: false\nplots: false\noutput_dir: {tmp_path / 'runs' / name}\n"
         )
     events = []
-    cells = run_demo(configs, workers=2, on_event=lambda k, n, i: events.append((k, n)))
+    cells = run_demo(configs, workers=2, on_event=lambda k, n, i: events.append((k, n, i)))
     assert set(cells) == {(b, m) for b in DEMO_BENCHMARKS for m in ("mit", "text")}
-    assert sorted(n for k, n in events if k == "done") == sorted(f"{b} {m}" for b, m in cells)
+    assert sorted(n for k, n, _ in events if k == "done") == sorted(f"{b} {m}" for b, m in cells)
+    for bench, method in cells:  # every wait of every cell is reported from its worker
+        stages = {i["stage"] for k, n, i in events if k == "progress" and n == f"{bench} {method}"}
+        assert {f"{bench} epoch 1/1", "eval val", "eval test"} <= stages, stages
+        if method == "mit":
+            assert "reliance" in stages
     for (bench, method), cell in cells.items():
         assert cell["output_dir"].endswith(bench if method == "mit" else f"{bench}-text")
         assert (tmp_path / "runs" / cell["output_dir"].split("/")[-1] / "results.json").is_file()

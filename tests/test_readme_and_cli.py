@@ -171,3 +171,14 @@ def test_a_train_yaml_with_an_unknown_field_is_one_error_naming_the_file(tmp_pat
     path.write_text("task:\n  data: digits-ve\n  modality_norm: l2\noptim:\n  epochs: 3\n")
     config = load_train_config(path)
     assert config.optim.epochs == 3 and config.task.modality_norm == "l2"
+
+
+def test_the_cli_draws_one_bar_per_stage_and_closes_it_at_its_total(capsys):
+    show = cli._bars()
+    for done in range(4):
+        show("encode digits-ve-train", done, 3, None)
+    show("digits-ve epoch 1/1", 0, 2, None)
+    show("digits-ve epoch 1/1", 2, 2, {"loss": 0.4321})
+    err = capsys.readouterr().err
+    assert "encode digits-ve-train" in err and "3/3" in err
+    assert "digits-ve epoch 1/1" in err and "loss=0.4321" in err

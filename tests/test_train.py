@@ -290,3 +290,31 @@ def test_baselines_train_and_reload_through_the_same_path(assets, tmp_path, meth
     headline = next(iter(results["headline"]))
     again = evaluate_run(run, "test")
     assert again["metrics"][headline] == pytest.approx(results["metrics"][headline], abs=1e-6)
+
+
+def test_every_long_wait_of_a_run_is_reported_through_the_progress_callback(assets, tmp_path):
+    calls = []
+    train(
+        _config(assets, "digits-ve", tmp_path / "run", epochs=2, samples=60),
+        progress=lambda stage, done, total, info: calls.append((stage, done, total, info)),
+    )
+    stages = list(dict.fromkeys(c[0] for c in calls))
+    assert stages == [
+        "encode digits-ve-train",
+        "encode digits-ve-val",
+        "encode digits-ve-test",
+        "lower-layer cache train",
+        "lower-layer cache val",
+        "lower-layer cache test",
+        "digits-ve epoch 1/2",
+        "eval val",
+        "digits-ve epoch 2/2",
+        "eval test",
+        "reliance",
+    ]
+    for stage in stages:  # each starts at 0 and ends at its total, counting up by one
+        done = [c[1] for c in calls if c[0] == stage]
+        total = {c[2] for c in calls if c[0] == stage}
+        assert len(total) == 1 and done[0] == 0 and done[-1] == total.pop()
+    epoch = [c for c in calls if c[0] == "digits-ve epoch 1/2" and c[1] > 0]
+    assert all(c[3]["loss"] > 0 and c[3]["samples_s"] > 0 for c in epoch)

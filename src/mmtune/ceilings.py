@@ -37,6 +37,7 @@ from mmtune.metrics import (
     segmentation_metrics,
     sentiment_metrics,
 )
+from mmtune.utils.progress import Progress, tracked
 
 __all__ = ["ceilings", "decoder_probe", "digits_rule"]
 
@@ -188,6 +189,7 @@ def decoder_probe(
     bce_weight: float = 0.5,
     seed: int = 0,
     on_epoch: Callable[[int, float, dict[str, dict[str, float]]], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, dict[str, float]]:
     """Train the segmentation decoder alone on precomputed maps; its metrics on each eval split.
 
@@ -234,7 +236,7 @@ def decoder_probe(
         return segmentation_metrics(inter, union)["metrics"]
 
     scores: dict[str, dict[str, float]] = {}
-    for epoch in range(1, epochs + 1):
+    for epoch in tracked(range(1, epochs + 1), progress, "decoder probe epochs", epochs):
         order = torch.randperm(len(train), generator=g).tolist()
         losses = []
         for s in range(0, len(order), batch_size):
@@ -254,7 +256,11 @@ def decoder_probe(
 
 
 def _onehot_probe(
-    data: Any, levels: dict[str, dict[str, Any]], pixel_size: int, epochs: int
+    data: Any,
+    levels: dict[str, dict[str, Any]],
+    pixel_size: int,
+    epochs: int,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -274,7 +280,13 @@ def _onehot_probe(
         return eye[[code.get(str(e), len(words)) for e in expressions]]
 
     scores = decoder_probe(
-        train, {"test": items("test")}, text_of, len(words) + 1, pixel_size, epochs
+        train,
+        {"test": items("test")},
+        text_of,
+        len(words) + 1,
+        pixel_size,
+        epochs,
+        progress=progress,
     )
     return {
         "sees": "the frozen encoder's three feature maps and a one-hot code of the expression "
@@ -288,6 +300,7 @@ def _segmentation(
     levels: dict[str, dict[str, Any]] | None = None,
     pixel_size: int = 0,
     probe_epochs: int = 30,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     test = data.splits["test"]
     out: dict[str, Any] = {}
@@ -304,14 +317,15 @@ def _segmentation(
         **segmentation_metrics([p[0] for p in pairs], [p[1] for p in pairs])["metrics"],
     }
     if levels is not None and probe_epochs > 0:
-        out["decoder_probe"] = _onehot_probe(data, levels, pixel_size, probe_epochs)
+        out["decoder_probe"] = _onehot_probe(data, levels, pixel_size, probe_epochs, progress)
     return out
 
 
-def ceilings(cfg: Any, probe_epochs: int = 30) -> dict[str, Any]:
+def ceilings(cfg: Any, probe_epochs: int = 30, progress: Progress | None = None) -> dict[str, Any]:
     """Ceilings of the benchmark named by a TrainConfig's task (its data and encoder).
 
-    ``probe_epochs``: segmentation's decoder probe (0: skip it)."""
+    ``probe_epochs``: segmentation's decoder probe (0: skip it). ``progress`` hears the image
+    encoding and the probe's epochs (:mod:`mmtune.utils.progress`)."""
     import dataclasses
 
     from mmtune.encoders.vision import encode_images, load_vision_encoder
@@ -341,12 +355,15 @@ def ceilings(cfg: Any, probe_epochs: int = 30) -> dict[str, Any]:
             levels=segmentation,
             cache=cache,
             name=f"{name}-{split}-{'levels' if segmentation else 'pooled'}".replace("/", "_"),
+            progress=progress,
         )
         for split in ("train", "test")
     }
     result["encoder"] = encoder.cache_id
     if segmentation:
-        result["ceilings"] = _segmentation(data, feats, encoder.preprocess.size, probe_epochs)
+        result["ceilings"] = _segmentation(
+            data, feats, encoder.preprocess.size, probe_epochs, progress
+        )
     else:
         pooled = {k: v["pooled"].numpy() for k, v in feats.items()}
         result["ceilings"] = _classification(data, pooled, name)

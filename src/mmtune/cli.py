@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import auto_cli, set_parsing_settings
 
@@ -24,6 +26,7 @@ from mmtune.models.lmm import LMMConfig
 from mmtune.pipeline import TaskConfig
 from mmtune.train import Method, ModelConfig, OptimConfig, TrainConfig, load_train_config
 from mmtune.utils.io import atomic_write
+from mmtune.utils.progress import Progress
 
 
 def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> None:
@@ -43,6 +46,13 @@ def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> No
     start = time.perf_counter()
 
     def event(kind: str, name: str, info: dict) -> None:
+        if kind == "progress" and info["done"] < info["total"]:  # a wait starts or goes on
+            print(
+                f"  {name:<24} {info['stage']} {info['done']}/{info['total']}  "
+                f"({time.perf_counter() - start:.0f} s in)",
+                file=sys.stderr,
+                flush=True,
+            )
         if kind == "done":
             print(
                 f"  done {name:<24} {info['wall_seconds']:5.0f} s  ({info['elapsed']:.0f} s in)",
@@ -295,7 +305,7 @@ def train(
     )
     from mmtune.train import train as run
 
-    results = run(config, progress=not quiet)
+    results = run(config, progress=None if quiet else _bars())
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -334,7 +344,7 @@ def ceilings(benchmark: Path, output: Path | None = None, probe_epochs: int = 30
     from mmtune.ceilings import ceilings as run_ceilings
     from mmtune.utils.io import write_json
 
-    result = run_ceilings(load_train_config(benchmark), probe_epochs)
+    result = run_ceilings(load_train_config(benchmark), probe_epochs, _bars())
     if output is not None:
         write_json(output, result)
     print(f"{result['data']} ({result['task']}), test split:")
@@ -357,7 +367,7 @@ def evaluate(run: Path, split: str = "test") -> None:
     """
     from mmtune.evaluate import evaluate_run, write_eval
 
-    result = evaluate_run(run, split, write=False)
+    result = evaluate_run(run, split, write=False, progress=_bars())
     m = result["metrics"]
     print(
         f"{run} on {split}: "
@@ -529,6 +539,26 @@ def lmm_stage1(
         f"{r['loss_last_10']:.3f} (last 10 steps), {r['train_seconds']:.0f} s; "
         f"projector in {output_dir}"
     )
+
+
+def _bars() -> Progress:
+    """A :data:`mmtune.utils.progress.Progress` that draws one tqdm bar per stage on stderr."""
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def show(stage: str, done: int, total: int, info: Mapping[str, Any] | None) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, mininterval=2.0)
+        bar.update(done - bar.n)
+        if info:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()}, refresh=False)
+        if done >= total:
+            bar.close()
+            del bars[stage]
+
+    return show
 
 
 def _step_printer():

@@ -39,6 +39,7 @@ from mmtune.train import (
     verify_final,
 )
 from mmtune.utils.io import atomic_write, read_json, write_json
+from mmtune.utils.progress import Progress
 
 __all__ = ["evaluate_run", "load_config", "load_run", "predict", "write_eval"]
 
@@ -82,25 +83,40 @@ def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any], TaskModel]:
     return cfg, spec, model.eval()
 
 
-def evaluate_run(run: str | Path, split: str = "test", write: bool = True) -> dict[str, Any]:
+def evaluate_run(
+    run: str | Path, split: str = "test", write: bool = True, progress: Progress | None = None
+) -> dict[str, Any]:
     """Score a finished run on a split of its data; with ``write``, also writes
-    ``eval-<split>.json`` in the run (see :func:`write_eval`)."""
+    ``eval-<split>.json`` in the run (see :func:`write_eval`). ``progress`` hears the image
+    encoding, the evaluation and the reliance check (:mod:`mmtune.utils.progress`)."""
     from accelerate import Accelerator
 
     run = Path(run)
     cfg = load_config(run)
-    model, splits, _, _ = build(cfg)
+    model, splits, _, _ = build(cfg, progress)
     if split not in splits:
         raise ValueError(f"no split {split!r}; the data has {list(splits)}")
     model.lower_cache = None
     load_trainable(model, run / "final" / "trainable.safetensors")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    result = evaluate_split(model, splits[split], accelerator, cfg.optim.eval_batch_size)
+    result = evaluate_split(
+        model,
+        splits[split],
+        accelerator,
+        cfg.optim.eval_batch_size,
+        progress=progress,
+        stage=f"eval {split}",
+    )
     result.pop("rows")
     result["split"] = split
     key = _headline(model.task)
     result["reliance"] = reliance(
-        model, splits[split], accelerator, cfg.optim.eval_batch_size, {key: result["metrics"][key]}
+        model,
+        splits[split],
+        accelerator,
+        cfg.optim.eval_batch_size,
+        {key: result["metrics"][key]},
+        progress=progress,
     )
     if write:
         write_eval(run, result)

@@ -7,7 +7,10 @@ written next to it as ``<output_dir>-text``. The cells run in ``workers`` proces
 side by side faster than one run on two threads. Every cell is an ordinary ``mmtune train``
 run: results.json (with its reliance check), curves, masks or scatter pictures.
 
-The library prints nothing: ``on_event(kind, name, info)`` reports each cell's start and end.
+The library prints nothing: ``on_event(kind, name, info)`` reports each cell's queueing
+(``queued``), the start and end of each of its waits (``progress``: ``info`` has ``stage``,
+``done``, ``total``; at most one report per stage every 20 s between them) and its end
+(``done``: ``info`` is the cell's summary).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,24 @@ DEMO_METHODS = ("mit", "text")
 _ORDER = {("shapes-ref", "mit"): 0, ("digits-ve", "mit"): 1, ("movie-sentiment", "mit"): 2}
 
 
-def _cell(path: str, method: str, threads: int) -> dict[str, Any]:
+_EVERY = 20.0
+"""Seconds between two progress reports of the same stage (its start and end always go)."""
+
+
+def _relay(queue: Any, name: str) -> Callable[..., None]:
+    """A Progress for a worker process: throttled (name, stage, done, total) on ``queue``."""
+    last: dict[str, float] = {}
+
+    def relay(stage: str, done: int, total: int, info: Any = None) -> None:
+        now = time.monotonic()
+        if done in (0, total) or now - last.get(stage, 0.0) >= _EVERY:
+            last[stage] = now
+            queue.put((name, stage, done, total))
+
+    return relay
+
+
+def _cell(path: str, method: str, threads: int, queue: Any = None) -> dict[str, Any]:
     """One demo cell in a worker process: the YAML's run with ``method``; its summary."""
     import torch
 
@@ -43,7 +63,8 @@ def _cell(path: str, method: str, threads: int) -> dict[str, Any]:
     if method != cfg.method:
         cfg = replace(cfg, method=method, output_dir=f"{cfg.output_dir}-{method}")
     cfg = replace(cfg, overwrite=True)  # the demo's own run directories are re-made each time
-    r = train(cfg, progress=False)
+    name = f"{Path(path).stem} {method}"
+    r = train(cfg, progress=None if queue is None else _relay(queue, name))
     return {
         "task": r["task"],
         "metrics": r["metrics"],
@@ -79,14 +100,27 @@ def run_demo(
     )
     report = on_event or (lambda kind, name, info: None)
     out: dict[tuple[str, str], dict[str, Any]] = {}
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    context = get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
+        queue = manager.Queue()
         futures = {}
         for b, m in cells:
-            futures[pool.submit(_cell, str(paths[b]), m, threads)] = (b, m)
+            futures[pool.submit(_cell, str(paths[b]), m, threads, queue)] = (b, m)
             report("queued", f"{b} {m}", {})
         start = time.perf_counter()
-        for fut in as_completed(futures):
-            b, m = futures[fut]
-            out[(b, m)] = fut.result()  # a failed cell raises here, naming its error
-            report("done", f"{b} {m}", {**out[(b, m)], "elapsed": time.perf_counter() - start})
+
+        def drain() -> None:
+            while not queue.empty():
+                name, stage, done, total = queue.get()
+                report("progress", name, {"stage": stage, "done": done, "total": total})
+
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            drain()
+            for fut in finished:
+                b, m = futures[fut]
+                out[(b, m)] = fut.result()  # a failed cell raises here, naming its error
+                info = {**out[(b, m)], "elapsed": time.perf_counter() - start}
+                report("done", f"{b} {m}", info)
     return out

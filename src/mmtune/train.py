@@ -68,6 +68,7 @@ from mmtune.utils.io import (
     write_json,
     write_manifest,
 )
+from mmtune.utils.progress import Progress, report, tracked
 
 __all__ = [
     "ModelConfig",
@@ -269,8 +270,12 @@ class _Featured(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- building
 
 
-def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits, dict[str, Any]]:
-    """Load data, frozen models and encoders; inject MiT; return the task model and splits."""
+def build(
+    cfg: TrainConfig, progress: Progress | None = None
+) -> tuple[TaskModel, dict[str, _Featured], DataSplits, dict[str, Any]]:
+    """Load data, frozen models and encoders; inject MiT; return the task model and splits.
+
+    ``progress`` hears the embedded LLM's one-off conversion and the image encoding."""
     torch.manual_seed(cfg.seed)
     data = _load_data(cfg.task)
     for split in (cfg.task.val_split, cfg.task.test_split, "train"):
@@ -282,7 +287,10 @@ def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits
     task = data.task
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     llm, tokenizer = load_llm(
-        cfg.model.llm, dtype=dtype, attn_implementation=cfg.model.attn_implementation
+        cfg.model.llm,
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        progress=progress,
     )
     info: dict[str, Any] = {"data": data.name, "task": task, "splits": data.sizes()}
     splits: dict[str, _Featured] = {}
@@ -308,6 +316,7 @@ def build(cfg: TrainConfig) -> tuple[TaskModel, dict[str, _Featured], DataSplits
                 levels=task == "segmentation" or cfg.method.startswith("concat"),
                 cache=cache,
                 name=f"{cfg.task.data}-{name}".replace("/", "_"),
+                progress=progress,
             )
             hits.append(bool(cache and cache.last_hit))
             splits[name] = _Featured(_light_items(split), feats)
@@ -449,11 +458,13 @@ def evaluate_split(
     batch_size: int,
     with_predictions: bool = False,
     donors: list[int] | None = None,
+    progress: Progress | None = None,
+    stage: str = "eval",
 ) -> dict[str, Any]:
     """Score a split; each rank takes a contiguous chunk, results are gathered by sample id.
 
     With ``donors``, sample i reads the modality of sample ``donors[i]`` (see
-    :func:`reliance`)."""
+    :func:`reliance`). ``progress`` hears ``stage`` once per batch."""
     module = accelerator.unwrap_model(model)
     was_training = module.training
     module.eval()
@@ -461,7 +472,8 @@ def evaluate_split(
     mine = chunks[accelerator.process_index].tolist()
     rows: list[dict[str, Any]] = []
     swap = None if donors is None else (donors, module.modality_fields())
-    for batch in _batches(ds, mine, batch_size, module.task, module.pixel_size, swap):
+    batches = _batches(ds, mine, batch_size, module.task, module.pixel_size, swap)
+    for batch in tracked(batches, progress, stage, -(-len(mine) // batch_size)):
         batch = _to_device(batch, accelerator.device)
         out = module(batch)
         for r, sid in enumerate(batch["id"]):
@@ -516,6 +528,7 @@ def reliance(
     batch_size: int,
     headline: dict[str, float],
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """The headline metric again with every sample's modality taken from another sample.
 
@@ -532,7 +545,9 @@ def reliance(
         return {**out, "deranged": None, "drop": None, "conventions": RELIANCE_CONVENTIONS}
     groups = [item.get("image_id", item.get("image_path")) for item in ds.items]
     donors = derangement(len(ds), seed, None if all(g is None for g in groups) else groups)
-    deranged = evaluate_split(model, ds, accelerator, batch_size, donors=donors)["metrics"][key]
+    deranged = evaluate_split(
+        model, ds, accelerator, batch_size, donors=donors, progress=progress, stage="reliance"
+    )["metrics"][key]
     drop = deranged - value if key in ("mae", "rmse") else value - deranged
     return {
         **out,
@@ -678,13 +693,20 @@ def _versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- train
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+def train(cfg: TrainConfig, progress: Progress | bool | None = None) -> dict[str, Any]:
     """Train, checkpoint every epoch, evaluate on the test split; returns the results dict.
 
     Before any work the output directory is checked for writing, locked for this run, and
     claimed (:func:`mmtune.training.rundir.claim`): a directory holding another run is refused
     unless ``resume`` (same settings) or ``overwrite``.
+
+    ``progress`` (:mod:`mmtune.utils.progress`) hears every long wait on the main process:
+    the embedded LLM's conversion, image encoding, the lower-layer cache fill per split, each
+    epoch's steps (with ``loss`` and ``samples_s``), evaluation and the reliance check. None
+    or False: nothing is reported (the command line draws bars; this function prints nothing).
     """
+    if not callable(progress):
+        progress = None
     from accelerate import Accelerator
 
     start = time.perf_counter()
@@ -698,13 +720,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def _train(
-    cfg: TrainConfig, accelerator: Any, out: Path, mode: str, progress: bool, start: float
+    cfg: TrainConfig,
+    accelerator: Any,
+    out: Path,
+    mode: str,
+    progress: Progress | None,
+    start: float,
 ) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
+    if not accelerator.is_main_process:
+        progress = None
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model, splits, data, info = build(cfg)
+    model, splits, data, info = build(cfg, progress)
     if accelerator.is_main_process:  # the data and models are good: the directory is ours
         if mode == "overwrite":
             clear(out)
@@ -747,11 +774,12 @@ def _train(
     if module.lower_cache is not None:  # fixed order and batches: identical on every restart
         t0 = time.perf_counter()
         for name in dict.fromkeys(["train", cfg.task.val_split, cfg.task.test_split]):
-            ds = splits[name]
+            ds, size = splits[name], cfg.optim.eval_batch_size
+            batches = _batches(ds, list(range(len(ds))), size, task, module.pixel_size)
             module.fill_lower_cache(
                 _to_device(b, accelerator.device)
-                for b in _batches(
-                    ds, list(range(len(ds))), cfg.optim.eval_batch_size, task, module.pixel_size
+                for b in tracked(
+                    batches, progress, f"lower-layer cache {name}", -(-len(ds) // size)
                 )
             )
         lower_seconds = time.perf_counter() - t0
@@ -778,12 +806,8 @@ def _train(
     for epoch in range(first_epoch, cfg.optim.epochs + 1):
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         perm = torch.randperm(len(train_ds), generator=g).tolist()
-        bar = tqdm(
-            total=steps,
-            desc=f"{cfg.task.data} epoch {epoch}/{cfg.optim.epochs}",
-            disable=not (progress and accelerator.is_main_process),
-            mininterval=2.0,
-        )
+        stage = f"{cfg.task.data} epoch {epoch}/{cfg.optim.epochs}"
+        report(progress, stage, 0, steps)
         t0 = time.perf_counter()
         losses = []
         for step in range(steps):
@@ -799,20 +823,28 @@ def _train(
                 )
             optimizer.step()
             losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss.item():.4f}",
-                samples_s=f"{(step + 1) * b * world / (time.perf_counter() - t0):.1f}",
-                refresh=False,
+            report(
+                progress,
+                stage,
+                step + 1,
+                steps,
+                {
+                    "loss": loss.item(),
+                    "samples_s": (step + 1) * b * world / (time.perf_counter() - t0),
+                },
             )
             if writer is not None:
                 writer.add_scalar("train/loss", loss.item(), (epoch - 1) * steps + step)
-        bar.close()
         scheduler.step()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         val = evaluate_split(
-            model, splits[cfg.task.val_split], accelerator, cfg.optim.eval_batch_size
+            model,
+            splits[cfg.task.val_split],
+            accelerator,
+            cfg.optim.eval_batch_size,
+            progress=progress,
+            stage=f"eval {cfg.task.val_split}",
         )
         history["step_loss"].extend(losses)
         history["epochs"].append(
@@ -834,12 +866,19 @@ def _train(
         accelerator,
         cfg.optim.eval_batch_size,
         with_predictions=task == "segmentation",
+        progress=progress,
+        stage=f"eval {cfg.task.test_split}",
     )
     headline = {_headline(task): test["metrics"][_headline(task)]}
     relies = reliance(
-        model, splits[cfg.task.test_split], accelerator, cfg.optim.eval_batch_size, headline
+        model,
+        splits[cfg.task.test_split],
+        accelerator,
+        cfg.optim.eval_batch_size,
+        headline,
+        progress=progress,
     )
-    report = module.llm.trainable_parameters() if isinstance(module.llm, MiTModel) else None
+    infusion = module.llm.trainable_parameters() if isinstance(module.llm, MiTModel) else None
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in module.parameters())
     results = {
@@ -858,7 +897,7 @@ def _train(
             "trainable": n_train,
             "total": n_total,
             "share": n_train / n_total,
-            "infusion": report.trainable if report else 0,
+            "infusion": infusion.trainable if infusion else 0,
         },
         "lower_layer_cache": None
         if module.lower_cache is None

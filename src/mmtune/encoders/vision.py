@@ -23,6 +23,7 @@ from torch import nn
 
 from mmtune.encoders.images import ImageLike, ImagePreprocess
 from mmtune.models.cache import FeatureCache, content_hash
+from mmtune.utils.progress import Progress, tracked
 
 __all__ = [
     "VisionEncoder",
@@ -123,16 +124,19 @@ def encode_images(
     levels: bool = True,
     cache: FeatureCache | None = None,
     name: str = "images",
+    progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Features of a whole image set: ``pooled`` (N, d) and, with ``levels``, ``level{0,1,2}``.
 
     With a cache, the features are computed once and reused while the encoder weights, the
-    preprocessing and the image contents stay the same.
+    preprocessing and the image contents stay the same. ``progress`` hears ``encode {name}``
+    per batch of images actually encoded (a cache hit reports nothing).
     """
 
     def compute() -> dict[str, torch.Tensor]:
         chunks: list[VisionFeatures] = []
-        for start in range(0, len(images), batch_size):
+        starts = range(0, len(images), batch_size)
+        for start in tracked(starts, progress, f"encode {name}", len(starts)):
             chunks.append(encoder.encode(images[start : start + batch_size]))
         out = {"pooled": torch.cat([c.pooled for c in chunks]).float().cpu()}
         if levels:

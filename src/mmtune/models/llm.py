@@ -19,6 +19,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mmtune.models.cache import DirectoryCache, file_sha256
+from mmtune.utils.progress import Progress, report
 
 __all__ = ["EMBEDDED_LLMS", "EmbeddedFile", "embedded_file", "load_llm", "smollm2_path"]
 
@@ -70,8 +71,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def smollm2_path(cache_root: str | Path | None = None) -> tuple[Path, bool]:
-    """The converted SmolLM2-135M directory in the cache, built on first use; (path, hit)."""
+def smollm2_path(
+    cache_root: str | Path | None = None, progress: Progress | None = None
+) -> tuple[Path, bool]:
+    """The converted SmolLM2-135M directory in the cache, built on first use; (path, hit).
+
+    ``progress`` hears ``convert SmolLM2 GGUF`` (0 of 1, then 1 of 1) when it is built."""
     spec = EMBEDDED_LLMS["smollm2-135m"]
     gguf = embedded_file(spec)
     key = {
@@ -81,7 +86,13 @@ def smollm2_path(cache_root: str | Path | None = None) -> tuple[Path, bool]:
         "format": 1,
     }
     cache = DirectoryCache("models", cache_root)
-    return cache.get_or_build("smollm2-135m", key, lambda tmp: _convert_gguf(gguf, tmp))
+
+    def build(tmp: Path) -> None:
+        report(progress, "convert SmolLM2 GGUF", 0, 1)
+        _convert_gguf(gguf, tmp)
+        report(progress, "convert SmolLM2 GGUF", 1, 1)
+
+    return cache.get_or_build("smollm2-135m", key, build)
 
 
 def load_llm(
@@ -90,15 +101,17 @@ def load_llm(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     cache_root: str | Path | None = None,
+    progress: Progress | None = None,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) of a causal LM: an embedded name, a local directory or a hub id.
 
-    ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map``, ``revision``).
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map``, ``revision``); ``progress``
+    hears the embedded model's one-off conversion (:func:`smollm2_path`).
     """
     source: str | Path = name_or_path
     if name_or_path in EMBEDDED_LLMS:
-        source, _ = smollm2_path(cache_root)
+        source, _ = smollm2_path(cache_root, progress)
         kwargs.setdefault("local_files_only", True)
     else:
         local = Path(name_or_path).expanduser()
