@@ -112,7 +112,13 @@ class TaskConfig:
 
 
 class LowerLayerCache:
-    """Hidden states entering the first infused layer, one (T_i, d) tensor per sample id."""
+    """Hidden states entering the first infused layer, one (T_i, d) tensor per sample id.
+
+    It fills itself from work already done: a forward over samples it lacks runs the whole
+    LLM and keeps the states passing into that layer (:meth:`TaskModel.text_vector`), so the
+    first epoch and each split's first evaluation cost what they cost without a cache, and
+    every later pass runs only the layers from ``first_layer`` up. (The frozen layers below
+    it do not depend on I; they are the same every epoch.)"""
 
     def __init__(self, first_layer: int):
         self.first_layer = first_layer  # 1-based number of the first infused layer
@@ -385,6 +391,7 @@ class TaskModel(nn.Module):
 
     def text_vector(self, batch: dict[str, Any], modality: torch.Tensor | None) -> torch.Tensor:
         """The pooled hidden state (B, d) of the (infused) prompts."""
+        keep = None  # a hook that fills the lower-layer cache from this very forward
         if self._upper_layers_only() and self.lower_cache.has(batch["id"]):
             states = [self.lower_cache.states[i] for i in batch["id"]]
             t = max(s.shape[0] for s in states)
@@ -401,6 +408,8 @@ class TaskModel(nn.Module):
         else:
             inputs = self.tokenize(self.prompts(batch))
             mask = inputs["attention_mask"]
+            if self._upper_layers_only() and not (self.training and self._lower_dropout()):
+                keep = self._keeper(batch["id"], mask)
             if self.task_token is not None or self.projector is not None:
                 embeds = self.decoder_backbone.get_input_embeddings()(inputs["input_ids"])
                 if self.task_token is not None:  # left padding: the token lands at position T
@@ -412,13 +421,40 @@ class TaskModel(nn.Module):
                 inputs = {"inputs_embeds": embeds, "attention_mask": mask}
             layers = _layer_slice(self.decoder_backbone, 0, None)
         pos = position_ids_from_mask(mask)
-        with layers:
-            if isinstance(self.llm, MiTModel) and modality is not None:
-                with self.llm.using_modality(modality):
-                    hidden = self.decoder_backbone(**inputs, position_ids=pos).last_hidden_state
-            else:
-                hidden = self.decoder_backbone(**inputs, position_ids=pos).last_hidden_state
+        try:
+            with layers:
+                if isinstance(self.llm, MiTModel) and modality is not None:
+                    with self.llm.using_modality(modality):
+                        hidden = self.decoder_backbone(**inputs, position_ids=pos)
+                else:
+                    hidden = self.decoder_backbone(**inputs, position_ids=pos)
+        finally:
+            if keep is not None:
+                keep.remove()
+        hidden = hidden.last_hidden_state
         return pool_last_token(hidden, mask).float()
+
+    def _lower_dropout(self) -> bool:
+        """Whether the frozen layers below the cached point drop out in training mode (their
+        states then differ per pass: training keeps none, evaluation still does)."""
+        assert self.lower_cache is not None
+        below = list(self.decoder_backbone.layers)[: self.lower_cache.first_layer - 1]
+        config = self.decoder_backbone.config
+        rates = [getattr(config, k, 0.0) or 0.0 for k in ("attention_dropout", "hidden_dropout")]
+        drops = [m.p for layer in below for m in layer.modules() if isinstance(m, nn.Dropout)]
+        return any(float(r) > 0 for r in rates + drops)
+
+    def _keeper(self, ids: list[str], mask: torch.Tensor) -> Any:
+        """A hook that stores, per id, the states entering the first infused layer."""
+        cache = self.lower_cache
+        assert cache is not None
+
+        def store(module: nn.Module, args: Any, out: Any) -> None:
+            hidden = (out[0] if isinstance(out, tuple) else out).detach()  # (B, T, d)
+            for row, sid in enumerate(ids):
+                cache.states[sid] = hidden[row, mask[row].bool()].cpu()  # (T_i, d)
+
+        return self.decoder_backbone.layers[cache.first_layer - 2].register_forward_hook(store)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -693,6 +693,53 @@ def _versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- train
 
 
+def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """The training order of an epoch: a permutation seeded by (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _rebuild_cache(
+    module: TaskModel,
+    splits: dict[str, _Featured],
+    cfg: TrainConfig,
+    accelerator: Any,
+    progress: Progress | None,
+) -> None:
+    """After a resume: the lower-layer states the interrupted run kept in epoch 1 (its training
+    batches) and in its first validation (its evaluation batches), recomputed from the very
+    same batches, so the resumed run reads exactly what an uninterrupted one would have."""
+    task, pixel, rank = module.task, module.pixel_size, accelerator.process_index
+    train_ds, b, world = splits["train"], cfg.optim.batch_size, accelerator.num_processes
+    steps = len(train_ds) // (b * world)
+    perm = _epoch_order(cfg.seed, 1, len(train_ds))
+    batches: list[Any] = []
+    if not module._lower_dropout():  # otherwise training kept none (TaskModel.text_vector)
+        for step in range(steps):
+            lo = step * b * world + rank * b
+            batches.append((train_ds, perm[lo : lo + b]))
+    val = splits[cfg.task.val_split]
+    mine = np.array_split(np.arange(len(val)), world)[rank].tolist()  # as evaluate_split
+    e = cfg.optim.eval_batch_size
+    batches += [(val, mine[s : s + e]) for s in range(0, len(mine), e)]
+    module.fill_lower_cache(
+        _to_device(collate([ds[i] for i in idx], task, pixel), accelerator.device)
+        for ds, idx in tracked(batches, progress, "lower-layer cache (resume)", len(batches))
+    )
+
+
+def _cache_saving(epochs: list[dict[str, Any]], first: int) -> dict[str, float | None]:
+    """Seconds of the epoch that filled the cache against the mean of the cached ones."""
+    filling = [e["seconds"] for e in epochs if e["epoch"] == first]
+    cached = [e["seconds"] for e in epochs if e["epoch"] > first]
+    if not filling:
+        return {"filling_epoch_seconds": None, "cached_epoch_seconds": None}
+    return {
+        "filling_epoch_seconds": filling[0],
+        "cached_epoch_seconds": float(np.mean(cached)) if cached else None,
+    }
+
+
 def train(cfg: TrainConfig, progress: Progress | bool | None = None) -> dict[str, Any]:
     """Train, checkpoint every epoch, evaluate on the test split; returns the results dict.
 
@@ -770,20 +817,8 @@ def _train(
             f"{b} x {world} processes"
         )
 
-    lower_seconds = 0.0
-    if module.lower_cache is not None:  # fixed order and batches: identical on every restart
-        t0 = time.perf_counter()
-        for name in dict.fromkeys(["train", cfg.task.val_split, cfg.task.test_split]):
-            ds, size = splits[name], cfg.optim.eval_batch_size
-            batches = _batches(ds, list(range(len(ds))), size, task, module.pixel_size)
-            module.fill_lower_cache(
-                _to_device(b, accelerator.device)
-                for b in tracked(
-                    batches, progress, f"lower-layer cache {name}", -(-len(ds) // size)
-                )
-            )
-        lower_seconds = time.perf_counter() - t0
-
+    # The lower-layer cache (if any) fills itself during the first epoch and each split's first
+    # evaluation (LowerLayerCache): there is no separate pass over the data.
     first_epoch, history = 1, {"step_loss": [], "epochs": []}
     if mode == "resume":
         last = ckpt.newest_intact(out)
@@ -794,6 +829,8 @@ def _train(
         else:
             done, history = _load_checkpoint(last, accelerator, module, optimizer, scheduler)
             first_epoch = done + 1
+            if module.lower_cache is not None:
+                _rebuild_cache(module, splits, cfg, accelerator, progress)
 
     writer = None
     if accelerator.is_main_process:
@@ -804,8 +841,7 @@ def _train(
     train_seconds = 0.0
     model.train()
     for epoch in range(first_epoch, cfg.optim.epochs + 1):
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(len(train_ds), generator=g).tolist()
+        perm = _epoch_order(cfg.seed, epoch, len(train_ds))
         stage = f"{cfg.task.data} epoch {epoch}/{cfg.optim.epochs}"
         report(progress, stage, 0, steps)
         t0 = time.perf_counter()
@@ -904,7 +940,8 @@ def _train(
         else {
             "first_infused_layer": module.lower_cache.first_layer,
             "bytes": module.lower_cache.nbytes,
-            "seconds_to_fill": lower_seconds,
+            "filled": "during the first epoch and each split's first evaluation (no extra pass)",
+            **_cache_saving(history["epochs"], first_epoch),
         },
         "processes": world,
         "train_seconds": train_seconds,
