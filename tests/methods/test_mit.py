@@ -83,6 +83,24 @@ def test_disabled_adapter_and_unload_give_the_base_model(arch):
         mit(input_ids=ids, modality=_modality())
 
 
+def test_v_proj_multiplies_once_per_infused_layer_and_unload_restores_it():
+    model = tiny_model("llama")
+    calls = []
+    for layer in model.model.layers:  # count the real matmuls of every v_proj
+        v = layer.self_attn.v_proj
+        v.forward = lambda x, v=v: (calls.append(1), torch.nn.functional.linear(x, v.weight))[1]
+    mit = perturb(inject_mit(model, MiTConfig(d_modality=D_I, layers="all", form="paper")))
+    with torch.no_grad():
+        mit(input_ids=_ids(), modality=_modality())
+    assert len(calls) == len(model.model.layers)  # the key hook's values are reused
+    mit.unload()
+    assert all("forward" in layer.self_attn.v_proj.__dict__ for layer in model.model.layers)
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=_ids())
+    assert len(calls) == len(model.model.layers)  # the counting forwards are back, alone
+
+
 def test_unload_restores_requires_grad_flags():
     model = tiny_model("llama")
     model.lm_head.requires_grad_(False)

@@ -33,8 +33,9 @@ and the same for V. Feed-forward infusion (eq. 7), in every form, on the input o
 
 The infusion runs in forward hooks on k_proj and v_proj (or a fused qkv projection) and a forward
 pre-hook on down_proj, so base weights keep their names, every attention backend works and the KV
-cache stores infused keys and values. The key hook needs the raw values for the gate; it computes
-``v_proj(x)`` itself (one extra d x d_kv matmul per infused layer) because k_proj runs first.
+cache stores infused keys and values. The key hook needs the raw values for the gate, and k_proj
+runs first: it computes ``v_proj(x)`` and hands the result to v_proj, which returns it for that
+same input instead of multiplying again, so each projection still runs once.
 """
 
 from __future__ import annotations
@@ -314,7 +315,6 @@ def _match_batch(t: torch.Tensor, batch: int, where: str) -> torch.Tensor:
 class _Context:
     modality: torch.Tensor
     maps: dict[int, LayerMaps] = field(default_factory=dict)
-    bypass: bool = False
 
 
 class MiTModel(nn.Module):
@@ -354,7 +354,7 @@ class MiTModel(nn.Module):
         self.base_model = model
 
         self.infusion = nn.ModuleDict()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[Any] = []
         for layer_id in self.layer_ids:
             block = decoder_layers[layer_id - 1]
             self.infusion[str(layer_id)] = self._build_layer(block, model_config)
@@ -429,6 +429,22 @@ class MiTModel(nn.Module):
             k_proj = resolve(block, spec.k_proj)
             v_proj = resolve(block, spec.v_proj)
 
+            # k_proj runs first, and its gate needs the raw values: the key hook computes them
+            # and hands them to v_proj, which then returns them for that very input instead of
+            # multiplying again (v_proj runs once; its own hook still infuses the values).
+            held: list[tuple[torch.Tensor, torch.Tensor]] = []
+            v_forward = v_proj.forward
+
+            def v_once(*args: Any, **kwargs: Any) -> torch.Tensor:
+                if held:
+                    x, raw_v = held.pop()
+                    if len(args) == 1 and not kwargs and args[0] is x:
+                        return raw_v
+                return v_forward(*args, **kwargs)
+
+            self._handles.append(_Restore(v_proj, "forward"))
+            v_proj.forward = v_once
+
             def kv_hook(which: str):
                 """The hook of k_proj (``which="k"``) or v_proj (``"v"``)."""
 
@@ -441,12 +457,10 @@ class MiTModel(nn.Module):
                     g = None
                     if m.probe is not None:
                         raw_v = output
-                        if which == "k":  # k_proj runs first: compute the raw values here
-                            ctx.bypass = True
-                            try:
-                                raw_v = v_proj(*args, **kwargs)
-                            finally:
-                                ctx.bypass = False
+                        if which == "k":  # computed here, once (see v_once)
+                            raw_v = v_forward(*args, **kwargs)
+                            if len(args) == 1 and not kwargs:
+                                held[:] = [(args[0], raw_v)]
                         g = adapter.head_gate(raw_v, _match_batch(m.probe, b, where))
                     scale, shift = (
                         (m.k_scale, m.k_shift) if which == "k" else (m.v_scale, m.v_shift)
@@ -491,7 +505,7 @@ class MiTModel(nn.Module):
                 "MiTModel with modality=I (B, d_I), use `with mit.using_modality(I):` around "
                 "calls of the base model, or `with mit.disable_adapter():` for the frozen model."
             )
-        return None if ctx.bypass else ctx
+        return ctx
 
     def _layer_maps(self, ctx: _Context, layer_id: int) -> LayerMaps:
         maps = ctx.maps.get(layer_id)
@@ -675,6 +689,23 @@ class MiTModel(nn.Module):
             f"layers={self.layer_ids}, form={c.form}, kv={c.kv_infusion}, "
             f"head_rescaling={c.head_rescaling}, ff={c.ff_infusion}, d_modality={c.d_modality}"
         )
+
+
+class _Restore:
+    """Undoes an instance attribute override made after it is built, like a hook handle's
+    ``remove()``: the instance's own earlier value comes back, or the class attribute."""
+
+    _MISSING = object()
+
+    def __init__(self, obj: Any, name: str):
+        self.obj, self.name = obj, name
+        self.before = obj.__dict__.get(name, self._MISSING)
+
+    def remove(self) -> None:
+        if self.before is self._MISSING:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            self.obj.__dict__[self.name] = self.before
 
 
 def inject_mit(model: nn.Module, config: MiTConfig, *, freeze_base: bool = True) -> MiTModel:
