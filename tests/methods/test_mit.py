@@ -585,3 +585,59 @@ def test_layer_sets_written_for_another_depth_scale_to_the_model():
     for bad in ("1,9/0", "1,40/32", "a,b/32", "1,9,17", "last"):
         with pytest.raises(ValueError, match=r"MiTConfig\.layers"):
             MiTConfig(layers=bad)
+
+
+# ----------------------------------------------------------------------------- map_rank
+
+
+def test_low_rank_maps_are_identity_at_init_for_the_gated_form(arch):
+    model = tiny_model(arch)
+    ids = _ids()
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        cfg = MiTConfig(d_modality=D_I, layers="all", form="gated", map_rank=4)
+        out = inject_mit(model, cfg)(input_ids=ids, modality=_modality()).logits
+    assert (out - base).abs().max().item() <= 1e-6
+
+
+def test_low_rank_maps_equal_full_maps_holding_their_product(arch):
+    # Golden check: rank-r maps B (A I) + b are the full maps W I + b with W = B A.
+    low = perturb(inject_mit(tiny_model(arch), MiTConfig(d_modality=D_I, layers="all", map_rank=3)))
+    full = inject_mit(tiny_model(arch), MiTConfig(d_modality=D_I, layers="all"))
+    with torch.no_grad():
+        for name, layer in low.infusion.items():
+            target = full.infusion[name]
+            a = layer.map_down.weight  # (r, d_I)
+            for part in ("k_scale", "k_shift", "v_scale", "v_shift", "ff_scale", "gate_proj"):
+                b, t = getattr(layer, part), getattr(target, part)
+                t.weight.copy_(b.weight @ a)
+                if b.bias is not None:
+                    t.bias.copy_(b.bias)
+            target.gate_logit.copy_(layer.gate_logit)
+        ids, I = _ids(), _modality()
+        expected = full(input_ids=ids, modality=I).logits
+        got = low(input_ids=ids, modality=I).logits
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (got - tiny_model(arch)(input_ids=ids).logits).abs().max().item() > 1e-3  # it acts
+
+
+def test_low_rank_maps_save_load_train_and_shrink_the_share(tmp_path):
+    cfg = MiTConfig(d_modality=D_I, layers="all", map_rank=2)
+    mit = inject_mit(tiny_model("llama"), cfg)
+    ids, I = _ids(), _modality()
+    loss = mit(input_ids=ids, modality=I).logits.square().mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in mit.infusion.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "k_scale" in n)
+    perturb(mit)
+    with torch.no_grad():
+        expected = mit(input_ids=ids, modality=I).logits
+    mit.save_adapter(tmp_path / "adapter")
+    loaded = MiTModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
+    assert loaded.mit_config.map_rank == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, modality=I).logits, expected)
+    full = inject_mit(tiny_model("llama"), MiTConfig(d_modality=D_I, layers="all"))
+    assert mit.trainable_parameters().trainable < full.trainable_parameters().trainable
+    with pytest.raises(ValueError, match="map_rank must be a positive int"):
+        MiTConfig(map_rank=0)

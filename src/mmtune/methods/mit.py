@@ -110,6 +110,12 @@ class MiTConfig:
     2 * sigmoid(L + beta * cos) with L = beta = 0 at init, so exactly 1 at init."""
     check_finite: bool = True
     """Reject modality vectors holding NaN or +-inf (one device sync per call)."""
+    map_rank: int | None = None
+    """Factorise each layer's maps through rank r: one shared ``A: d_I -> r`` per layer
+    (random init, no bias), then ``B_m: r -> width`` per map (weight 0 and bias 1 or 0, as the
+    full maps, so still identity at init; P's ``B`` random, no bias). ``None``: the full
+    ``d_I -> width`` maps of eq. 1. It cuts a layer's d_I x (5 d_kv + d_ff) weights to
+    d_I x r + r x (5 d_kv + d_ff)."""
 
     def __post_init__(self) -> None:
         if self.d_modality is not None and (
@@ -146,6 +152,13 @@ class MiTConfig:
             )
         if not (self.kv_infusion or self.ff_infusion):
             raise ValueError("MiTConfig: kv_infusion and ff_infusion are both off; nothing to do")
+        if self.map_rank is not None and (
+            not isinstance(self.map_rank, int) or isinstance(self.map_rank, bool)
+            or self.map_rank < 1
+        ):  # fmt: skip
+            raise ValueError(
+                f"MiTConfig.map_rank must be a positive int or None, got {self.map_rank!r}"
+            )
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The 1-based infused layers of a model with ``num_layers`` decoder layers."""
@@ -224,6 +237,11 @@ class MiTLayer(nn.Module):
         self.head_dim = d_kv // num_kv_heads
         f = {"device": device, "dtype": dtype}
         d_i = config.d_modality
+        # map_rank: I -> A I (B, r) once per layer, and every map reads that instead of I
+        self.map_down = None
+        if config.map_rank is not None:
+            self.map_down = nn.Linear(d_i, config.map_rank, bias=False, **f)  # A: random init
+            d_i = config.map_rank
         self.k_scale = self.k_shift = self.v_scale = self.v_shift = None
         self.gate_proj = self.ff_scale = None
         self.gate_logit = self.gate_beta = None
@@ -247,6 +265,8 @@ class MiTLayer(nn.Module):
     def maps(self, modality: torch.Tensor) -> LayerMaps:
         """Eq. 1: all maps of ``modality`` (B, d_I) for this layer."""
         i = modality.to(self.param_dtype)
+        if self.map_down is not None:
+            i = self.map_down(i)  # (B, r)
 
         def apply(m: nn.Module | None) -> torch.Tensor | None:
             return None if m is None else m(i)
