@@ -40,12 +40,21 @@ def _rows(root: Path) -> list[dict]:
                     "modality_norm": r["config"]["task"].get("modality_norm", "none"),
                     "head_image": r["config"]["task"].get("head_image", True),
                     "data_options": r["config"]["task"]["data_options"],
+                    "method": r["config"]["method"],
                     "lr": r["config"]["optim"]["lr"],
                     "epochs": r["config"]["optim"]["epochs"],
+                    "decay_every": r["config"]["optim"].get("decay_every"),
+                    "map_rank": r["config"]["mit"].get("map_rank"),
                 },
             }
         )
     return rows
+
+
+def _last_fifth_move(val: list[float]) -> float:
+    """The val metric's change over the last fifth of the epochs (at least the last one)."""
+    k = max(1, round(len(val) / 5))
+    return val[-1] - val[-1 - k] if len(val) > k else float("nan")
 
 
 def main() -> None:
@@ -78,8 +87,9 @@ def main() -> None:
     if pooled:
         lines += [
             "",
-            f"| lever | seeds | test {key} (mean ± std) | reliance drop (mean ± std) |",
-            "|---|---|---|---|",
+            f"| lever | seeds | test {key} (mean ± std) | reliance drop (mean ± std) | "
+            f"val {key} move over the last fifth of training, per seed |",
+            "|---|---|---|---|---|",
         ]
         for k, g in pooled:
             tests, drops = [r["test"] for r in g], [r["drop"] for r in g if r["drop"] is not None]
@@ -89,9 +99,10 @@ def main() -> None:
                 if len(drops) > 1
                 else "-"
             )
+            moves = " ".join(f"{_last_fifth_move(r['val']):+.3f}" for r in g)
             lines.append(
                 f"| {k} | {seeds} | {statistics.mean(tests):.3f} ± {statistics.stdev(tests):.3f}"
-                f" | {drop} |"
+                f" | {drop} | {moves} |"
             )
     (args.root / "levers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -159,3 +159,13 @@ def test_shipped_defaults_win_the_committed_accuracy_table():
     assert MiTConfig().layers == option(mean_ranks(rows, layer_sets)[0][0], "layers")
     shipped = yaml.safe_load((root / "configs/methods/mit.yaml").read_text())["mit"]
     assert shipped == {"form": MiTConfig().form, "layers": MiTConfig().layers}
+
+
+def test_a_running_cell_is_shown_by_the_newest_line_of_its_log(tmp_path):
+    from mmtune.compare import _last_status
+
+    log = tmp_path / "cell.log"
+    assert _last_status(log) == "starting"
+    log.write_text("Loading weights: 100%\ndigits-ve epoch 1/2:  10%|#  | 5/50\r"
+                   "digits-ve epoch 1/2:  20%|## | 10/50\r")  # fmt: skip
+    assert _last_status(log) == "digits-ve epoch 1/2:  20%|## | 10/50"

@@ -561,9 +561,16 @@ def _bars() -> Progress:
     return show
 
 
-def _step_printer():
+def _step_printer(every: float = 5.0):
+    """Prints the first and last step, and a step whenever ``every`` seconds have passed."""
+    import time
+
+    last = [float("-inf")]
+
     def show(step: int, steps: int, loss: float) -> None:
-        if step == 1 or step % 10 == 0 or step == steps:
+        now = time.monotonic()
+        if step == 1 or step == steps or now - last[0] >= every:
+            last[0] = now
             print(f"  step {step}/{steps} loss {loss:.4f}", file=sys.stderr, flush=True)
 
     return show

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -157,7 +158,7 @@ def _val_score(results: dict[str, Any]) -> float:
 
 def _command(cell: Cell, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "mmtune.cli", "train", cell.benchmark, "--config", cell.variant]
-    cmd += ["--seed", str(cell.seed), "--output_dir", str(out), "--quiet", "true"]
+    cmd += ["--seed", str(cell.seed), "--output_dir", str(out)]  # its bars go to its log
     if cell.lr is not None:
         cmd += ["--optim.lr", repr(cell.lr)]
     if (out / "run.json").is_file():  # a cell that was stopped: continue it (same settings)
@@ -165,6 +166,23 @@ def _command(cell: Cell, out: Path) -> list[str]:
     elif out.is_dir() and any(out.iterdir()):  # leftovers without a run file: the grid's own
         cmd += ["--overwrite", "true"]
     return cmd
+
+
+_EVERY = 30.0
+"""Seconds between two reports of where the running cells are."""
+
+
+def _last_status(log: Path, tail: int = 4096) -> str:
+    """The newest progress line of a cell's log (its tqdm bars end lines with carriage
+    returns), or ``starting`` when it has written nothing yet."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - tail))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return "starting"
+    parts = [p.strip() for p in re.split(r"[\r\n]", text) if p.strip()]
+    return parts[-1][:160] if parts else "starting"
 
 
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -200,6 +218,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] | None = None) ->
         return True
 
     failures: list[str] = []
+    shown = time.perf_counter()
     while pending or later or running:
         for cell in list(later):  # release cells whose learning rate is known
             if choose(cell.benchmark, cell.variant):
@@ -234,6 +253,14 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] | None = None) ->
                 for sub in ("checkpoints", "final", "tensorboard"):
                     shutil.rmtree(out / sub, ignore_errors=True)
             say(f"done  {cell.name[0]} / {cell.name[1]} seed {cell.seed} ({took:.0f} s)")
+        if running and time.perf_counter() - shown >= _EVERY:  # where each running cell is
+            shown = time.perf_counter()
+            for cell, _, t0, _ in running:
+                log_path = cell.directory(root).parent / f"{cell.directory(root).name}.log"
+                say(
+                    f"  ... {cell.name[0]} / {cell.name[1]} seed {cell.seed} "
+                    f"({time.perf_counter() - t0:.0f} s): {_last_status(log_path)}"
+                )
         if (
             not pending
             and later
