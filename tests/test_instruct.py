@@ -69,8 +69,12 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
         benchmark="digits", method=method, base=stage1_dir, num_samples=20, epochs=1,
         batch_size=6, lr=1e-2, mrt=MRTConfig(llm_layers=[0, 2], first=2, last=2), output_dir=out,
     )  # fmt: skip
-    r = tune(cfg)
+    waits = []
+    r = tune(cfg, answers=lambda stage, done, total, info: waits.append((stage, done, total)))
     saved = json.loads((out / "results.json").read_text())
+    for split in ("val", "test"):  # the answering reports each batch
+        done = [d for s, d, _ in waits if s == f"answer {split}"]
+        assert done[0] == 0 and done[-1] == next(t for s, _, t in waits if s == f"answer {split}")
     assert saved["test"]["num_samples"] == 5 and 0.0 <= saved["test"]["exact_match"] <= 1.0
     assert saved["method"] == method and len(saved["examples"]) == 5
     if method == "zero-shot":

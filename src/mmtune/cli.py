@@ -617,7 +617,11 @@ def lmm_tune(
         save_adapter=save_adapter,
         threads=threads,
     )
-    r = tune(cfg, progress=None if quiet else _step_printer())
+    r = tune(
+        cfg,
+        progress=None if quiet else _step_printer(),
+        answers=None if quiet else _bars(),
+    )
     p = r["params"]
     print(
         f"{benchmark} / {method}: test exact match {r['test']['exact_match']:.3f} "
@@ -768,7 +772,14 @@ def lmm_eval(
     from mmtune.instruct import evaluate_adapter
 
     control = _control(scale, edit_scales, first, last, positions, visual_tokens)
-    r = evaluate_adapter(adapter, benchmark, control=control, num_samples=num_samples, split=split)
+    r = evaluate_adapter(
+        adapter,
+        benchmark,
+        control=control,
+        num_samples=num_samples,
+        split=split,
+        progress=_bars(),
+    )
     if output is not None:
         with atomic_write(output) as tmp:
             tmp.write_text(json.dumps(r, indent=2) + "\n")

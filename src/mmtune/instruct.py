@@ -30,6 +30,7 @@ from mmtune.methods.base import atomic_write, count_parameters, write_adapter
 from mmtune.methods.concat import PeftAdapterConfig, inject_peft
 from mmtune.methods.mrt import MRTConfig, MRTControl, MRTModel, load_mrt, mrt_trainable
 from mmtune.models.lmm import LlavaStyleModel, LMMConfig, build_lmm, load_lmm
+from mmtune.utils.progress import Progress, tracked
 
 __all__ = [
     "Stage1Config",
@@ -206,12 +207,16 @@ def predict(
     *,
     batch_size: int = 16,
     max_new_tokens: int = 6,
+    progress: Progress | None = None,
+    stage: str = "answer",
 ) -> list[str]:
-    """Greedy answers, batch by batch (left-padded; equal to one-by-one generation)."""
+    """Greedy answers, batch by batch (left-padded; equal to one-by-one generation);
+    ``progress`` hears ``stage`` once per batch (:mod:`mmtune.utils.progress`)."""
     base = model.base if isinstance(model, MRTModel) else model
     model.eval()
     out: list[str] = []
-    for idx in _batches(len(prompts), batch_size, None):
+    batches = _batches(len(prompts), batch_size, None)
+    for idx in tracked(batches, progress, stage, len(batches)):
         batch = base.batch(
             [prompts[i] for i in idx], [None] * len(idx), pixel_values=[pixels[i] for i in idx]
         ).to(base.device)
@@ -333,9 +338,14 @@ def _save(cfg: TuneConfig, model: LlavaStyleModel | MRTModel) -> None:
 
 
 def tune(
-    cfg: TuneConfig, progress: Callable[[int, int, float], None] | None = None
+    cfg: TuneConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+    answers: Progress | None = None,
 ) -> dict[str, Any]:
-    """Instruction-tune (or, for ``zero-shot``, only evaluate) and write results.json."""
+    """Instruction-tune (or, for ``zero-shot``, only evaluate) and write results.json.
+
+    ``progress(step, steps, loss)`` hears each training step; ``answers`` the val and test
+    answering, batch by batch (:mod:`mmtune.utils.progress`)."""
     _threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     base = load_lmm(cfg.base)
@@ -366,6 +376,8 @@ def tune(
             pixels[split],
             batch_size=cfg.eval_batch_size,
             max_new_tokens=cfg.max_new_tokens,
+            progress=answers,
+            stage=f"answer {split}",
         )
         scores[split] = {
             "exact_match": exact_match(preds, [it["answer"] for it in items]),
@@ -647,8 +659,10 @@ def evaluate_adapter(
     split: str = "test",
     batch_size: int = 16,
     max_new_tokens: int = 6,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Exact match of an MRT adapter on a VQA split under ``control`` (no training)."""
+    """Exact match of an MRT adapter on a VQA split under ``control`` (no training);
+    ``progress`` hears the answering, batch by batch."""
     _check_benchmarks([benchmark], "benchmark")
     data = VQA_BENCHMARKS[benchmark](num_samples=num_samples)
     if split not in data:
@@ -662,6 +676,8 @@ def evaluate_adapter(
         _pixels(model.base, items),
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        progress=progress,
+        stage=f"answer {split}",
     )
     return {
         "adapter": str(adapter),
