@@ -182,3 +182,26 @@ def test_the_cli_draws_one_bar_per_stage_and_closes_it_at_its_total(capsys):
     err = capsys.readouterr().err
     assert "encode digits-ve-train" in err and "3/3" in err
     assert "digits-ve epoch 1/1" in err and "loss=0.4321" in err
+
+
+COMMANDS = [
+    "demo", "smoke", "params", "check_embedded", "data inspect", "train", "eval", "ceilings",
+    "predict", "bench", "compare", "lmm stage1", "lmm tune", "lmm table", "lmm generate",
+    "lmm eval", "lmm params", "version",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_of_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*command.split(), "--help"])
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    undocumented = []
+    for entry in re.split(r"\n  (?=-)", options):
+        entry = " ".join(entry.split())
+        if not entry.startswith("--") or entry.startswith(("--config", "--print_config")):
+            continue
+        head, _, body = entry.partition(" ")
+        if re.fullmatch(r"(\S+ )?\(type: .*\)", body) or not body:
+            undocumented.append(head)
+    assert not undocumented, f"{command}: no help for {undocumented}"

@@ -19,6 +19,7 @@ from mmtune.bench import BENCH_METHODS, BenchConfig
 from mmtune.compare import DEFAULT_BENCHMARKS, DEFAULT_VARIANTS, CompareConfig
 from mmtune.demo import SmokeDemoConfig, run_smoke_demo
 from mmtune.instruct import Method as InstructMethod
+from mmtune.instruct import Stage1Config, TableConfig, TuneConfig
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
 from mmtune.methods.mrt import MRTConfig
@@ -27,6 +28,30 @@ from mmtune.pipeline import TaskConfig
 from mmtune.train import Method, ModelConfig, OptimConfig, TrainConfig, load_train_config
 from mmtune.utils.io import atomic_write
 from mmtune.utils.progress import Progress
+
+
+def _documented(*sources: type, **extra: str):
+    """Give a command the ``Args:`` its ``--help`` shows, from the field docstrings of the
+    dataclasses it mirrors (one source of truth) and ``extra`` for its own arguments."""
+    import inspect
+
+    import docstring_parser
+
+    def wrap(fn):
+        docs: dict[str, str] = {}
+        for cls in sources:
+            for p in docstring_parser.parse_from_object(cls).params:
+                docs.setdefault(p.arg_name, " ".join((p.description or "").split()))
+        docs.update(extra)
+        names = [n for n in inspect.signature(fn).parameters if docs.get(n)]
+        missing = set(inspect.signature(fn).parameters) - set(names)
+        if missing:
+            raise TypeError(f"{fn.__name__}: no docs for {sorted(missing)}")
+        body = "\n".join(f"        {n}: {docs[n]}" for n in names)
+        fn.__doc__ = f"{(fn.__doc__ or '').rstrip()}\n\n    Args:\n{body}\n"
+        return fn
+
+    return wrap
 
 
 def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> None:
@@ -264,6 +289,7 @@ def data_inspect(
         print(f"  {key}: {value}")
 
 
+@_documented(TrainConfig, quiet="No progress bars.")
 def train(
     task: TaskConfig = TaskConfig(),  # noqa: B008 (jsonargparse reads these defaults)
     model: ModelConfig = ModelConfig(),  # noqa: B008
@@ -284,8 +310,7 @@ def train(
 ) -> None:
     """Train on a task: mmtune train CONFIG.yaml [--config VARIANT.yaml] [--optim.epochs=3 ...].
 
-    The arguments are the fields of mmtune.train.TrainConfig (see its docs), plus quiet.
-    """
+    The arguments are the fields of mmtune.train.TrainConfig, plus quiet."""
     config = TrainConfig(
         task=task,
         model=model,
@@ -400,6 +425,11 @@ def predict(
     print(json.dumps(run_predict(run, text, image, frames, out)))
 
 
+@_documented(
+    BenchConfig,
+    output="The JSON file to write: every row, the ratios against the targets, the setup.",
+    plot="Also write a PNG beside it: cost against image tokens, one line per method.",
+)
 def bench(
     llm: str = "smollm2-135m",
     num_layers: int | None = None,
@@ -464,6 +494,10 @@ def bench(
             print(f"  {name}: {json.dumps(value)} (target {ratio['target']}; met: {ratio['met']})")
 
 
+@_documented(
+    CompareConfig,
+    report_only="Aggregate the runs already in output_dir without starting any.",
+)
 def compare(
     benchmarks: list[str] = list(DEFAULT_BENCHMARKS),  # noqa: B006
     variants: list[str] = list(DEFAULT_VARIANTS),  # noqa: B006
@@ -504,6 +538,7 @@ def compare(
 # ----------------------------------------------------------------------------- LLaVA-style + MRT
 
 
+@_documented(Stage1Config, quiet="No step lines.")
 def lmm_stage1(
     lmm: LMMConfig = LMMConfig(),  # noqa: B008
     benchmarks: list[str] = ["digits", "shapes"],  # noqa: B006
@@ -576,6 +611,7 @@ def _step_printer(every: float = 5.0):
     return show
 
 
+@_documented(TuneConfig, quiet="No step lines or progress bars.")
 def lmm_tune(
     benchmark: str = "digits",
     method: InstructMethod = "mrt",
@@ -631,6 +667,12 @@ def lmm_tune(
     )
 
 
+@_documented(
+    TableConfig,
+    stage1_settings="Fields of mmtune.instruct.Stage1Config for stage 1, run when base does "
+    "not exist yet (e.g. {num_samples: 200, lr: 0.002}).",
+    report_only="Aggregate the cells already in output_dir without starting any.",
+)
 def lmm_table(
     base: Path = Path("benchmarks/results/vqa/stage1"),
     stage1_settings: dict | None = None,
@@ -766,7 +808,12 @@ def lmm_eval(
         num_samples: items of the benchmark (the split must match the one trained on to keep
             test images unseen: 300 for the README's table).
         split: train, val or test.
-        scale, edit_scales, first, last, positions, visual_tokens: as in `lmm generate`.
+        scale: multiplies every edit (0 = the base model, 1 = as trained).
+        edit_scales: per-edit scales by name, e.g. '{"projector": 0, "llm.28": 2}'.
+        first: edit the first FIRST prompt tokens in the LLM (overrides the trained p).
+        last: edit the last LAST prompt tokens (overrides the trained s).
+        positions: explicit prompt-relative positions to edit (negative: from the end).
+        visual_tokens: visual tokens edited by the vision/projector edits (default all).
         output: also write the result (with predictions) to this JSON file.
     """
     from mmtune.instruct import evaluate_adapter
