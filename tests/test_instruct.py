@@ -4,6 +4,7 @@ random models (the real code paths: models loaded from directories, adapters wri
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from tests.tiny_assets import tiny_llm_dir, tiny_vit_dir
@@ -70,7 +71,11 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
         batch_size=6, lr=1e-2, mrt=MRTConfig(llm_layers=[0, 2], first=2, last=2), output_dir=out,
     )  # fmt: skip
     waits = []
-    r = tune(cfg, answers=lambda stage, done, total, info: waits.append((stage, done, total)))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = tune(cfg, answers=lambda stage, done, total, info: waits.append((stage, done, total)))
+    # e.g. transformers 5.2x: "`past_key_values` is deprecated ... Use `cache` instead"
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], seen
     saved = json.loads((out / "results.json").read_text())
     for split in ("val", "test"):  # the answering reports each batch
         done = [d for s, d, _ in waits if s == f"answer {split}"]

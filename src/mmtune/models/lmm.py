@@ -79,6 +79,16 @@ class LMMConfig:
 # ----------------------------------------------------------------------------- visual tokens
 
 
+def _cache_keyword(model: Any) -> str:
+    """The name a model's forward takes its KV cache under: ``cache`` (transformers >= 5.2x,
+    where ``past_key_values`` is deprecated) or ``past_key_values`` (earlier 5.x)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class VisualTokens(nn.Module):
     """A frozen vision encoder seen as a token sequence, with its blocks exposed for edits.
 
@@ -406,13 +416,14 @@ class LlavaStyleModel(nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache()
+        kv = {_cache_keyword(self.llm): cache}  # `cache` in newer transformers
         mask, pos = batch.attention_mask, batch.position_ids
         with (prefill_context or nullcontext)():
             out = self.llm(
                 inputs_embeds=self.embed(batch),
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=cache,
+                **kv,
                 use_cache=True,
             )
         first_logits = out.logits[:, -1].float()
@@ -438,7 +449,7 @@ class LlavaStyleModel(nn.Module):
                 input_ids=nxt[:, None],
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=cache,
+                **kv,
                 use_cache=True,
             )
             logits = out.logits[:, -1].float()
