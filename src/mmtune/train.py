@@ -205,7 +205,7 @@ def load_train_config(path: str | Path) -> TrainConfig:
         ns = parser.parse_path(str(path))
     except argparse.ArgumentError as e:
         raise ValueError(f"{path}: {e}") from None
-    init = parser.instantiate_classes(ns)
+    init = parser.instantiate(ns)
     return TrainConfig(**{k: v for k, v in vars(init).items() if k != "__path__"})
 
 
