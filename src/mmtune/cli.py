@@ -730,6 +730,26 @@ def _control(scale, edit_scales, first, last, positions, visual_tokens):
     )
 
 
+_CONTROL_DOCS = {
+    "scale": "multiplies every edit (0 = the base model, 1 = as trained).",
+    "edit_scales": 'per-edit scales by name, e.g. \'{"projector": 0, "llm.28": 2}\'.',
+    "first": "edit the first FIRST prompt tokens in the LLM (overrides the trained p).",
+    "last": "edit the last LAST prompt tokens (overrides the trained s).",
+    "positions": "explicit prompt-relative positions to edit (negative: from the end).",
+    "visual_tokens": "visual tokens edited by the vision/projector edits (default all).",
+}
+"""The MRT control options that `lmm generate` and `lmm eval` share."""
+
+
+@_documented(
+    **_CONTROL_DOCS,
+    prompt="text with one <image> per image (default with --item: its question).",
+    image="image files, in the order of the <image> placeholders.",
+    item="a VQA mini-benchmark item instead of files: BENCHMARK:SPLIT:INDEX (digits:test:0).",
+    adapter="MRT adapter directory (its stage-1 base is found from it).",
+    base="stage-1 directory, for the model without edits.",
+    max_new_tokens="greedy tokens to generate.",
+)
 def lmm_generate(
     prompt: str | None = None,
     image: list[Path] | None = None,
@@ -744,22 +764,7 @@ def lmm_generate(
     visual_tokens: list[int] | None = None,
     max_new_tokens: int = 16,
 ) -> None:
-    """Answer a prompt about images with an MRT adapter (or a stage-1 base), under control.
-
-    Args:
-        prompt: text with one <image> per image (default with --item: its question).
-        image: image files, in the order of the <image> placeholders.
-        item: a VQA mini-benchmark item instead of files: BENCHMARK:SPLIT:INDEX (digits:test:0).
-        adapter: MRT adapter directory (its stage-1 base is found from it).
-        base: stage-1 directory, for the model without edits.
-        scale: multiplies every edit (0 = the base model, 1 = as trained).
-        edit_scales: per-edit scales by name, e.g. '{"projector": 0, "llm.28": 2}'.
-        first: edit the first FIRST prompt tokens in the LLM (overrides the trained p).
-        last: edit the last LAST prompt tokens (overrides the trained s).
-        positions: explicit prompt-relative positions to edit (negative: from the end).
-        visual_tokens: visual tokens edited by the vision/projector edits (default all).
-        max_new_tokens: greedy tokens to generate.
-    """
+    """Answer a prompt about images with an MRT adapter (or a stage-1 base), under control."""
     from mmtune.data.vqa import VQA_BENCHMARKS
     from mmtune.instruct import answer, load_for_generation
 
@@ -787,6 +792,15 @@ def lmm_generate(
     print(answer(model, prompt, images, control=control, max_new_tokens=max_new_tokens))
 
 
+@_documented(
+    **_CONTROL_DOCS,
+    adapter="MRT adapter directory.",
+    benchmark="digits or shapes.",
+    num_samples="items of the benchmark (the split must match the one trained on to keep test "
+    "images unseen: 300 for the README's table).",
+    split="train, val or test.",
+    output="also write the result (with predictions) to this JSON file.",
+)
 def lmm_eval(
     adapter: Path,
     benchmark: str = "shapes",
@@ -800,22 +814,7 @@ def lmm_eval(
     visual_tokens: list[int] | None = None,
     output: Path | None = None,
 ) -> None:
-    """Exact match of an MRT adapter on a VQA split under control (no training).
-
-    Args:
-        adapter: MRT adapter directory.
-        benchmark: digits or shapes.
-        num_samples: items of the benchmark (the split must match the one trained on to keep
-            test images unseen: 300 for the README's table).
-        split: train, val or test.
-        scale: multiplies every edit (0 = the base model, 1 = as trained).
-        edit_scales: per-edit scales by name, e.g. '{"projector": 0, "llm.28": 2}'.
-        first: edit the first FIRST prompt tokens in the LLM (overrides the trained p).
-        last: edit the last LAST prompt tokens (overrides the trained s).
-        positions: explicit prompt-relative positions to edit (negative: from the end).
-        visual_tokens: visual tokens edited by the vision/projector edits (default all).
-        output: also write the result (with predictions) to this JSON file.
-    """
+    """Exact match of an MRT adapter on a VQA split under control (no training)."""
     from mmtune.instruct import evaluate_adapter
 
     control = _control(scale, edit_scales, first, last, positions, visual_tokens)
