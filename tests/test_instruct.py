@@ -7,22 +7,28 @@ import json
 import warnings
 
 import pytest
+import torch
+import yaml
 from tests.tiny_assets import tiny_llm_dir, tiny_vit_dir
 
 from mmtune.cli import main
-from mmtune.data.vqa import exact_match, normalize_answer, vqa_digits, vqa_shapes
+from mmtune.data.vqa import VQA_BENCHMARKS, exact_match, normalize_answer, vqa_digits, vqa_shapes
 from mmtune.instruct import (
     METHODS,
     Stage1Config,
     TableConfig,
     TuneConfig,
+    _pixels,
+    _prompt,
+    load_tuned,
+    predict,
     stage1,
     table_report,
     tune,
     vqa_table,
 )
 from mmtune.methods.mrt import MRTConfig, load_mrt
-from mmtune.models.lmm import LMMConfig
+from mmtune.models.lmm import LMMConfig, load_lmm
 
 
 def test_vqa_data_questions_answers_and_captions():
@@ -87,7 +93,31 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
         assert not (out / "adapter").exists()
     else:
         assert r["steps"] == 2 and r["params"]["trainable"] > 0
-        assert (out / "adapter" / "adapter.safetensors").is_file()
+        weights = "adapter_model" if method == "lora" else "adapter"  # LoRA: PEFT's own format
+        assert (out / "adapter" / f"{weights}.safetensors").is_file()
+        card = (out / "adapter" / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert meta["base_model"] and f"lmm-{method}" in meta["tags"]
+        assert f"| test | {saved['test']['exact_match']:.4f} | 5 |" in card
+        # the saved adapter alone gives the same answers (greedy decoding)
+        items = VQA_BENCHMARKS["digits"](num_samples=20)["test"]
+        again = load_tuned(out / "adapter")
+        base = again.base if hasattr(again, "base") else again
+        preds = predict(
+            again,
+            [_prompt(it) for it in items],
+            _pixels(base, items),
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        assert preds[:5] == [e["prediction"] for e in saved["examples"]]
+    if method == "lora":  # and PEFT loads the LLM's part itself
+        from peft import PeftModel
+
+        llm = PeftModel.from_pretrained(load_lmm(stage1_dir).llm, out / "adapter")
+        ids = again.tokenizer(["Which digit is shown?"], return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(llm(**ids).logits, again.llm(**ids).logits)
     if method == "mrt":
         assert r["params"]["share"] < 0.2
         model = load_mrt(out / "adapter")  # without the training script

@@ -1,4 +1,6 @@
-"""Evaluate a finished run on any split, and predict on one input, from ``RUN_DIR/final``.
+"""Evaluate a finished run on any split, and predict on one input, from ``RUN_DIR/adapter``
+(:mod:`mmtune.training.adapter`; copied anywhere, it loads the same) or, for runs saved by
+mmtune < 0.3, from ``RUN_DIR/final``.
 
 A run directory holds ``final/config.json`` (the TrainConfig), ``final/spec.json`` (what the
 data decided: task, widths, class names, preprocessing), ``final/trainable.safetensors``
@@ -38,6 +40,14 @@ from mmtune.train import (
     reliance,
     verify_final,
 )
+from mmtune.training.adapter import (
+    RUN_FILE as RUN_ADAPTER_FILE,
+)
+from mmtune.training.adapter import (
+    find_run_adapter,
+    load_run_adapter_weights,
+    read_run_file,
+)
 from mmtune.utils.io import atomic_write, read_json, write_json
 from mmtune.utils.progress import Progress
 
@@ -45,9 +55,13 @@ __all__ = ["evaluate_run", "load_config", "load_run", "predict", "write_eval"]
 
 
 def load_config(run: str | Path) -> TrainConfig:
-    """The TrainConfig of a finished run, after checking ``final/``'s manifest."""
-    path = verify_final(Path(run)) / "config.json"
-    raw = read_json(path, "run config")
+    """The TrainConfig of a finished run (or of its ``adapter/``), after checking the manifest."""
+    adapter = find_run_adapter(run)
+    if adapter is not None:
+        path, raw = adapter / RUN_ADAPTER_FILE, read_run_file(adapter)["config"]
+    else:
+        path = verify_final(Path(run)) / "config.json"
+        raw = read_json(path, "run config")
     try:
         model = dict(raw["model"])
         model["sequence"] = SequenceEncoderConfig(**model["sequence"])
@@ -68,18 +82,37 @@ def load_config(run: str | Path) -> TrainConfig:
         raise ValueError(f"{path}: not a TrainConfig of this mmtune version ({e})") from e
 
 
+def _spec(run: Path) -> dict[str, Any]:
+    adapter = find_run_adapter(run)
+    if adapter is not None:
+        return read_run_file(adapter)["spec"]
+    return read_json(run / "final" / "spec.json", "run spec")
+
+
+def _load_weights(model: TaskModel, run: Path) -> None:
+    """The trained tensors from ``adapter/`` (mmtune >= 0.3) or else ``final/``."""
+    adapter = find_run_adapter(run)
+    if adapter is not None:
+        load_run_adapter_weights(model, adapter)
+    else:
+        load_trainable(model, run / "final" / "trainable.safetensors")
+
+
 def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any], TaskModel]:
-    """(config, spec, task model with trained weights) of a finished run, without its data."""
+    """(config, spec, task model with trained weights) of a finished run, without its data.
+
+    ``run`` is a run directory or its ``adapter/`` (which may be copied anywhere): the frozen
+    models are rebuilt from the names it records, the trained tensors copied in."""
     run = Path(run)
     cfg = load_config(run)
-    spec = read_json(run / "final" / "spec.json", "run spec")
+    spec = _spec(run)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     llm, tokenizer = load_llm(
         cfg.model.llm, dtype=dtype, attn_implementation=cfg.model.attn_implementation
     )
     model = make_model(cfg, spec, llm, tokenizer)
     model.lower_cache = None
-    load_trainable(model, run / "final" / "trainable.safetensors")
+    _load_weights(model, run)
     return cfg, spec, model.eval()
 
 
@@ -97,7 +130,7 @@ def evaluate_run(
     if split not in splits:
         raise ValueError(f"no split {split!r}; the data has {list(splits)}")
     model.lower_cache = None
-    load_trainable(model, run / "final" / "trainable.safetensors")
+    _load_weights(model, run)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     result = evaluate_split(
         model,

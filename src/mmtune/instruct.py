@@ -25,11 +25,19 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mmtune._version import __version__
 from mmtune.data.vqa import VQA_BENCHMARKS, exact_match
-from mmtune.methods.base import atomic_write, count_parameters, write_adapter
-from mmtune.methods.concat import PeftAdapterConfig, inject_peft
+from mmtune.methods.base import atomic_write, count_parameters
+from mmtune.methods.concat import (
+    PeftAdapterConfig,
+    inject_peft,
+    load_peft_format,
+    save_peft_format,
+)
 from mmtune.methods.mrt import MRTConfig, MRTControl, MRTModel, load_mrt, mrt_trainable
 from mmtune.models.lmm import LlavaStyleModel, LMMConfig, build_lmm, load_lmm
+from mmtune.training.adapter import front_matter, hub_id
+from mmtune.utils.io import read_json
 from mmtune.utils.progress import Progress, tracked
 
 __all__ = [
@@ -320,21 +328,102 @@ def _tunable(cfg: TuneConfig, base: LlavaStyleModel) -> LlavaStyleModel | MRTMod
     return base
 
 
-def _save(cfg: TuneConfig, model: LlavaStyleModel | MRTModel) -> None:
+LMM_RUN_FILE = "mmtune_lmm.json"
+
+
+def _save(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str, Any]) -> None:
+    """``adapter/``: MRT's edits or the projector in mmtune's adapter format, LoRA in PEFT's own
+    format (with ``mmtune_lmm.json`` naming the stage-1 base), and a model card."""
     out = cfg.output_dir / "adapter"
     if isinstance(model, MRTModel):
         model.save_adapter(out, base_dir=cfg.base)
     elif cfg.method == "projector":
         model.save_projector(out)
     elif cfg.method == "lora":
-        tensors = {k: v for k, v in model.llm.state_dict().items() if "lora_" in k}
-        write_adapter(
-            out,
-            method="lmm-lora",
-            tensors=tensors,
-            config={"peft": asdict(cfg.peft), "base_dir": str(cfg.base.resolve())},
-            base_model=model.llm,
+        save_peft_format(model.llm, out, hub_id(model.config.llm))
+        _write_json(
+            out / LMM_RUN_FILE,
+            {"method": "lora", "base_dir": str(cfg.base.resolve()), "peft": asdict(cfg.peft)},
         )
+    with atomic_write(out / "README.md") as tmp:
+        tmp.write_text(_lmm_card(cfg, model, results))
+
+
+def _lmm_card(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str, Any]) -> str:
+    base = model.base if isinstance(model, MRTModel) else model
+    head = {
+        "library_name": "mmtune" if cfg.method != "lora" else "peft",
+        "base_model": hub_id(base.config.llm),
+        "tags": ["mmtune", f"lmm-{cfg.method}", "visual-question-answering", "llava-style"],
+        "datasets": [f"vqa-{cfg.benchmark} (mmtune mini-benchmark)"],
+        "pipeline_tag": "image-text-to-text",
+    }
+    load = {
+        "mrt": "from mmtune import load_mrt\nmodel = load_mrt('path/to/adapter')",
+        "projector": "from mmtune import load_lmm\nmodel = load_lmm('path/to/adapter')",
+        "lora": "from mmtune.instruct import load_tuned\nmodel = load_tuned('path/to/adapter')\n"
+        "# or the LLM's adapters alone, with PEFT:\nfrom peft import PeftModel\n"
+        "llm = PeftModel.from_pretrained(load_lmm(BASE).llm, 'path/to/adapter')",
+    }[cfg.method]
+    lines = [
+        front_matter(head),
+        f"# {cfg.method} on VQA {cfg.benchmark}: a LLaVA-style {base.config.llm} + "
+        f"{base.config.vision}",
+        "",
+        f"Tuned with mmtune {__version__} on the stage-1 base `{cfg.base}` (projector "
+        f"{base.config.projector}); frozen models not included.",
+        "",
+        f"- **Training:** {cfg.epochs} epochs over {results['steps']} steps, lr "
+        f"{cfg.learning_rate}, batch {cfg.batch_size}, seed {cfg.seed}; "
+        f"{results['params']['trainable']:,} trained tensors' values.",
+        f"- **Metric:** {results['metric']}.",
+        "",
+        "| split | exact match | samples |",
+        "|---|---|---|",
+        *[
+            f"| {s} | {results[s]['exact_match']:.4f} | {results[s]['num_samples']} |"
+            for s in ("val", "test")
+        ],
+        "",
+        "## How to load",
+        "",
+        "```bash",
+        "mmtune lmm generate --adapter path/to/adapter --image picture.png --question '...'",
+        "```",
+        "",
+        "```python",
+        load,
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def load_tuned(adapter: str | Path) -> LlavaStyleModel | MRTModel:
+    """The model a ``lmm tune`` run saved in ``adapter`` (MRT, projector or LoRA), ready to
+    generate; its stage-1 base is found from what the adapter records."""
+    adapter = Path(adapter)
+    if (adapter / LMM_RUN_FILE).is_file():
+        meta = read_json(adapter / LMM_RUN_FILE, "lmm adapter")
+        if not isinstance(meta, dict) or meta.get("method") != "lora" or "base_dir" not in meta:
+            raise ValueError(f"{adapter / LMM_RUN_FILE}: expected method 'lora' and base_dir")
+        base = load_lmm(meta["base_dir"])
+        try:
+            peft = PeftAdapterConfig(**meta.get("peft", {}))
+        except TypeError as e:
+            raise ValueError(f"{adapter / LMM_RUN_FILE}: field 'peft': {e}") from e
+        inject_peft(base.llm, "lora", peft)
+        load_peft_format(base.llm, adapter)
+        return base.eval()
+    meta = read_json(adapter / "adapter_config.json", "adapter config")
+    method = meta.get("method") if isinstance(meta, dict) else None
+    if method == "mrt":
+        return load_mrt(adapter)
+    if method == "lmm-projector":
+        return load_lmm(adapter).eval()
+    raise ValueError(
+        f"{adapter / 'adapter_config.json'}: field 'method' is {method!r}; expected an lmm tune "
+        "adapter (mrt, lmm-projector, or LoRA with mmtune_lmm.json)"
+    )
 
 
 def tune(
@@ -389,8 +478,6 @@ def tune(
                 {"id": it["id"], "answer": it["answer"], "prediction": p}
                 for it, p in zip(items[:8], preds[:8], strict=True)
             ]
-    if cfg.save_adapter and cfg.method != "zero-shot":
-        _save(cfg, model)
     results = {
         "benchmark": cfg.benchmark,
         "method": cfg.method,
@@ -406,6 +493,8 @@ def tune(
         "examples": examples,
         "metric": "exact match after lower-casing, removing punctuation, collapsing spaces",
     }
+    if cfg.save_adapter and cfg.method != "zero-shot":
+        _save(cfg, model, results)
     _write_json(cfg.output_dir / "results.json", results)
     return results
 
@@ -560,9 +649,9 @@ def table_report(root: Path | str) -> dict[str, Any]:
 
 
 def load_for_generation(adapter: Path | None, base: Path | None) -> LlavaStyleModel | MRTModel:
-    """An MRT adapter directory (its base found from the adapter) or a stage-1 directory."""
+    """A ``lmm tune`` adapter directory (:func:`load_tuned`) or a stage-1 directory."""
     if adapter is not None:
-        return load_mrt(adapter)
+        return load_tuned(adapter)
     if base is None:
         raise ValueError(
             "give --adapter (an MRT adapter directory) or --base (a stage-1 directory)"
@@ -667,13 +756,16 @@ def evaluate_adapter(
     data = VQA_BENCHMARKS[benchmark](num_samples=num_samples)
     if split not in data:
         raise ValueError(f"split {split!r}: use one of {sorted(data)}")
-    model = load_mrt(adapter)
-    model.set_control(control)
+    model = load_tuned(adapter)
+    if isinstance(model, MRTModel):
+        model.set_control(control)
+    elif control is not None and control != MRTControl():
+        raise ValueError(f"{adapter}: control applies to MRT adapters only")
     items = data[split]
     preds = predict(
         model,
         [_prompt(it) for it in items],
-        _pixels(model.base, items),
+        _pixels(model.base if isinstance(model, MRTModel) else model, items),
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         progress=progress,
@@ -684,7 +776,7 @@ def evaluate_adapter(
         "benchmark": benchmark,
         "split": split,
         "num_samples": len(items),
-        "control": asdict(model.control),
+        "control": asdict(model.control) if isinstance(model, MRTModel) else None,
         "exact_match": exact_match(preds, [it["answer"] for it in items]),
         "predictions": preds,
     }

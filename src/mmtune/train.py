@@ -53,6 +53,7 @@ from mmtune.models.cache import FeatureCache, content_hash
 from mmtune.models.llm import load_llm
 from mmtune.pipeline import LowerLayerCache, TaskConfig, TaskModel, collate
 from mmtune.training import checkpoint as ckpt
+from mmtune.training.adapter import write_run_adapter
 from mmtune.training.rundir import (
     RUN_FILE,
     Finisher,
@@ -962,6 +963,7 @@ def _train(
 
             drawn = write_pictures(finish.stage, task, history, test, splits, data, cfg)
             results["pictures"] = {k: str(out / Path(v).name) for k, v in drawn.items()}
+        write_run_adapter(finish.stage / "adapter", module, asdict(cfg), info["model"], results)
         write_json(finish.stage / "results.json", results)
         finish.commit()
     accelerator.wait_for_everyone()

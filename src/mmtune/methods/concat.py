@@ -28,7 +28,11 @@ IA3 on k_proj, v_proj, down_proj).
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -41,7 +45,13 @@ __all__ = [
     "TokenProjector",
     "image_tokens",
     "inject_peft",
+    "load_peft_format",
+    "save_peft_format",
 ]
+
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+"""PEFT's own file names: ``PeftModel.from_pretrained(base, directory)`` reads these two."""
+PEFT_CONFIG_NAME = "adapter_config.json"
 
 Projector = Literal["mlp", "linear"]
 
@@ -124,6 +134,73 @@ def inject_peft(
     if not any(p.requires_grad for p in llm.parameters()):
         raise ValueError(f"PEFT added no {kind} tensors: check peft.target_modules")
     return llm
+
+
+def save_peft_format(
+    llm: nn.Module, directory: str | os.PathLike[str], base_model: str | None = None
+) -> Path:
+    """Write the LoRA / IA3 tensors that :func:`inject_peft` added to ``llm`` in PEFT's own
+    format, so that ``peft.PeftModel.from_pretrained(fresh_llm, directory)`` loads them.
+
+    ``adapter_config.json`` is the PEFT config (``base_model_name_or_path`` set to
+    ``base_model``); ``adapter_model.safetensors`` holds ``get_peft_model_state_dict`` with the
+    ``base_model.model.`` prefix a ``PeftModel`` gives its keys. Both are written atomically."""
+    from peft import get_peft_model_state_dict
+
+    from mmtune.utils.io import atomic_write, save_tensors
+
+    configs = getattr(llm, "peft_config", None)
+    if not configs or "default" not in configs:
+        raise ValueError(f"{type(llm).__name__} holds no PEFT adapter (inject_peft adds one)")
+    config = copy.deepcopy(configs["default"])
+    config.base_model_name_or_path = base_model
+    config.inference_mode = True
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = get_peft_model_state_dict(llm, adapter_name="default")
+    save_tensors(
+        directory / PEFT_WEIGHTS_NAME,
+        {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()},
+        metadata={"format": "pt"},
+    )
+    with atomic_write(directory / PEFT_CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list))
+    return directory
+
+
+def load_peft_format(llm: nn.Module, directory: str | os.PathLike[str]) -> None:
+    """Copy a PEFT-format adapter (``save_peft_format``) into ``llm``, which already holds an
+    adapter of the same shape (:func:`inject_peft`); missing or unexpected keys are one error."""
+    from peft import set_peft_model_state_dict
+
+    from mmtune.utils.io import load_tensors
+
+    path = Path(directory) / PEFT_WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(2, "no such file (a PEFT adapter directory holds it)", str(path))
+    tensors = load_tensors(path, "PEFT adapter weights")
+    prefix = "base_model.model."
+    bad = sorted(k for k in tensors if not k.startswith(prefix))
+    if bad:
+        raise ValueError(f"{path}: keys not in PEFT's layout ({prefix}...): {bad[:3]}")
+    own = set(get_peft_state_keys(llm))
+    given = {k.removeprefix(prefix) for k in tensors}
+    if own != given:
+        raise ValueError(
+            f"{path} does not fit this model: missing {sorted(own - given)[:3]}, "
+            f"unexpected {sorted(given - own)[:3]} (saved with other target modules?)"
+        )
+    result = set_peft_model_state_dict(
+        llm, {k.removeprefix(prefix): v for k, v in tensors.items()}, adapter_name="default"
+    )
+    del result  # missing keys here are the frozen base weights, which stay as they are
+
+
+def get_peft_state_keys(llm: nn.Module) -> list[str]:
+    """The keys ``get_peft_model_state_dict`` gives ``llm``'s adapter (without the prefix)."""
+    from peft import get_peft_model_state_dict
+
+    return list(get_peft_model_state_dict(llm, adapter_name="default"))
 
 
 def image_tokens(feature_map: torch.Tensor, grid: int | None = None) -> torch.Tensor:

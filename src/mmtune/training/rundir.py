@@ -41,6 +41,7 @@ RUN_OUTPUTS = (
     RUN_FILE,
     "results.json",
     "final",
+    "adapter",
     "checkpoints",
     "tensorboard",
     "curves.png",
