@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import auto_cli, set_parsing_settings
 
@@ -306,6 +306,7 @@ def train(
     feature_cache: bool = True,
     keep_checkpoints: int = 2,
     plots: bool = True,
+    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard",
     quiet: bool = False,
 ) -> None:
     """Train on a task: mmtune train CONFIG.yaml [--config VARIANT.yaml] [--optim.epochs=3 ...].
@@ -327,6 +328,7 @@ def train(
         feature_cache=feature_cache,
         keep_checkpoints=keep_checkpoints,
         plots=plots,
+        report_to=report_to,
     )
     from mmtune.train import train as run
 

@@ -139,6 +139,7 @@ class OptimConfig:
             raise ValueError(f"optim.grad_clip must be >= 0 (0: off), got {self.grad_clip}")
 
 
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 Method = Literal["mit", "text", "concat", "concat_lora", "concat_ia3"]
 METHOD_NAMES: tuple[str, ...] = ("mit", "text", "concat", "concat_lora", "concat_ia3")
 
@@ -180,8 +181,17 @@ class TrainConfig:
     """How many epoch checkpoints to keep (the newest intact ones; at least 1)."""
     plots: bool = True
     """Write PNG pictures (curves, masks or scatter)."""
+    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
+    """Where the training loss and the val metrics are logged, through accelerate's trackers:
+    ``tensorboard`` (``output_dir/tensorboard``), ``wandb`` or ``mlflow`` (their packages
+    installed and set up by you), or ``none``."""
 
     def __post_init__(self) -> None:
+        if self.report_to not in REPORT_TO:
+            raise ValueError(
+                f"TrainConfig.report_to must be one of {', '.join(REPORT_TO)}; got "
+                f"{self.report_to!r}"
+            )
         if self.method not in METHOD_NAMES:
             raise ValueError(
                 f"TrainConfig.method must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}"
@@ -741,6 +751,29 @@ def _cache_saving(epochs: list[dict[str, Any]], first: int) -> dict[str, float |
     }
 
 
+def _check_tracker(name: str) -> None:
+    """A tracker whose package is missing is one clear error before any work."""
+    if name in ("none", "tensorboard"):
+        return
+    from accelerate.utils import is_mlflow_available, is_wandb_available
+
+    if not {"wandb": is_wandb_available, "mlflow": is_mlflow_available}[name]():
+        raise ValueError(f"report_to: {name} needs the {name} package (pip install {name})")
+
+
+def _flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config as one level of scalar values (what every tracker's hparams accept)."""
+    flat: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            flat.update(_flat_config(v, f"{prefix}{k}."))
+        elif isinstance(v, bool | int | float | str):
+            flat[f"{prefix}{k}"] = v
+        else:
+            flat[f"{prefix}{k}"] = json.dumps(v)
+    return flat
+
+
 def train(cfg: TrainConfig, progress: Progress | bool | None = None) -> dict[str, Any]:
     """Train, checkpoint every epoch, evaluate on the test split; returns the results dict.
 
@@ -758,8 +791,13 @@ def train(cfg: TrainConfig, progress: Progress | bool | None = None) -> dict[str
     from accelerate import Accelerator
 
     start = time.perf_counter()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.output_dir)
+    _check_tracker(cfg.report_to)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(out),
+    )
     check_writable(out)
     with RunLock(out, accelerator.process_index):
         mode = claim(out, asdict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
@@ -833,11 +871,12 @@ def _train(
             if module.lower_cache is not None:
                 _rebuild_cache(module, splits, cfg, accelerator, progress)
 
-    writer = None
-    if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
+    logging = cfg.report_to != "none"
+    if logging:  # accelerate's trackers; they log on the main process only
+        accelerator.init_trackers(
+            "tensorboard" if cfg.report_to == "tensorboard" else out.name or "mmtune",
+            config=_flat_config(asdict(cfg)),
+        )
 
     train_seconds = 0.0
     model.train()
@@ -870,8 +909,8 @@ def _train(
                     "samples_s": (step + 1) * b * world / (time.perf_counter() - t0),
                 },
             )
-            if writer is not None:
-                writer.add_scalar("train/loss", loss.item(), (epoch - 1) * steps + step)
+            if logging:
+                accelerator.log({"train/loss": loss.item()}, step=(epoch - 1) * steps + step)
         scheduler.step()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
@@ -892,9 +931,8 @@ def _train(
                 "seconds": epoch_seconds,
             }
         )
-        if writer is not None:
-            for k, v in val["metrics"].items():
-                writer.add_scalar(f"val/{k}", v, epoch)
+        if logging:  # at the epoch's last step, so that every tracker's steps increase
+            accelerator.log({f"val/{k}": v for k, v in val["metrics"].items()}, step=epoch * steps)
         _save_checkpoint(accelerator, module, optimizer, scheduler, epoch, history, out, cfg)
 
     test = evaluate_split(
@@ -950,9 +988,9 @@ def _train(
         "versions": _versions(),
         "config": asdict(cfg),
     }
+    for tracker in accelerator.trackers:  # not end_training(): it ends the process group too
+        tracker.finish()
     if accelerator.is_main_process:
-        if writer is not None:
-            writer.close()
         finish = Finisher(out)  # built aside, moved into place together, results.json last
         rows = [{k: v for k, v in r.items() if k != "mask"} for r in test["rows"]]
         predictions = finish.stage / f"predictions-{cfg.task.test_split}.jsonl"

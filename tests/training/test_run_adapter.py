@@ -130,5 +130,5 @@ def test_a_changed_adapter_file_is_refused(assets, tmp_path):
     data = bytearray(task.read_bytes())
     data[-1] ^= 0xFF
     task.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="task.safetensors"):
+    with pytest.raises(IntegrityError, match=r"task\.safetensors"):
         load_run(run)

@@ -50,7 +50,7 @@ RUN_OUTPUTS = (
     ".finish",
 )
 # Settings a resumed run may change: more epochs, and the flags that say how to start.
-RESUMABLE = {"optim.epochs", "resume", "overwrite", "output_dir"}
+RESUMABLE = {"optim.epochs", "resume", "overwrite", "output_dir", "report_to"}
 
 
 class RunLockedError(RuntimeError):
