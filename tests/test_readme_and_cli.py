@@ -17,14 +17,33 @@ from mmtune.train import load_train_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    """Every ```python block of the README and the docs (```py blocks are shown, not run)."""
+    return [
+        block
+        for page in DOC_PAGES
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    ]
 
 
-def test_readme_opens_with_the_two_commands():
-    head = (ROOT / "README.md").read_text().splitlines()[:6]
-    assert any(line.startswith("make demo") for line in head)
-    assert any(line.startswith("make test") for line in head)
+def test_readme_opens_with_the_two_commands_and_stays_short():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert any(line.startswith("make demo") for line in lines[:6])
+    assert any(line.startswith("make test") for line in lines[:6])
+    assert len(lines) <= 200  # the rest lives in docs/
+
+
+def test_every_docs_page_is_in_the_site_and_every_readme_link_resolves():
+    import yaml
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    listed = {page for entry in nav for page in entry.values()}
+    assert listed == {p.name for p in (ROOT / "docs").glob("*.md")}
+    for target in re.findall(r"\]\((docs/[^)#]+)", (ROOT / "README.md").read_text()):
+        assert (ROOT / target).is_file(), target
 
 
 @pytest.mark.slow  # loads the embedded SmolLM2 and MobileNetV2

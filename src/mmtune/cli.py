@@ -748,7 +748,7 @@ _CONTROL_DOCS = {
     prompt="text with one <image> per image (default with --item: its question).",
     image="image files, in the order of the <image> placeholders.",
     item="a VQA mini-benchmark item instead of files: BENCHMARK:SPLIT:INDEX (digits:test:0).",
-    adapter="MRT adapter directory (its stage-1 base is found from it).",
+    adapter="an `lmm tune` adapter directory (MRT, projector or LoRA); its base is found from it.",
     base="stage-1 directory, for the model without edits.",
     max_new_tokens="greedy tokens to generate.",
 )
@@ -796,7 +796,7 @@ def lmm_generate(
 
 @_documented(
     **_CONTROL_DOCS,
-    adapter="MRT adapter directory.",
+    adapter="an `lmm tune` adapter directory (MRT for the control options).",
     benchmark="digits or shapes.",
     num_samples="items of the benchmark (the split must match the one trained on to keep test "
     "images unseen: 300 for the README's table).",

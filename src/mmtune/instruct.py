@@ -388,7 +388,8 @@ def _lmm_card(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[
         "## How to load",
         "",
         "```bash",
-        "mmtune lmm generate --adapter path/to/adapter --image picture.png --question '...'",
+        "mmtune lmm generate --adapter path/to/adapter --image picture.png "
+        "--prompt '<image> the question'",
         "```",
         "",
         "```python",

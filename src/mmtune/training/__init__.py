@@ -1,0 +1,1 @@
+"""Training components: run directories, checkpoints and the run adapter."""
