@@ -57,12 +57,14 @@ upgrade-check:
 # The lowest versions pyproject.toml allows for the fast-moving dependencies, through the
 # tests of the code that calls them (methods, models, training, the VQA recipes).
 FLOOR_VENV := .venv-floor
-FLOORS := transformers==5.0.0 peft==0.17.0 accelerate==1.0.0 jsonargparse==4.49.0
+FLOORS := transformers==5.0.0 peft==0.18.0 accelerate==1.4.0 jsonargparse==4.49.0
 floor-check:
 	rm -rf $(FLOOR_VENV)
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet torch==2.13.0 -e ".[dev]" $(FLOORS)
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-deps $(EMBEDDED)
+	$(FLOOR_VENV)/bin/python -m pip download --quiet --no-binary :all: --no-deps \
+		vaderSentiment==3.3.2 -d $(FLOOR_VENV)/share/mmtune
 	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/methods tests/models \
 		tests/training tests/test_train.py tests/test_instruct.py
 

@@ -29,6 +29,7 @@ from mmtune.methods.mrt import (
     inject_mrt,
     load_mrt,
 )
+from mmtune.methods.mrt_hf import MRTForVLM, VLMSpec, register_vlm_architecture
 from mmtune.models.architectures import (
     ArchitectureSpec,
     register_architecture,
@@ -49,6 +50,7 @@ __all__ = [
     "LoReFTEdit",
     "MRTConfig",
     "MRTControl",
+    "MRTForVLM",
     "MRTModel",
     "MiTConfig",
     "MiTLayer",
@@ -59,6 +61,7 @@ __all__ = [
     "SequenceEncoder",
     "SequenceEncoderConfig",
     "TokenProjector",
+    "VLMSpec",
     "VisionEncoder",
     "VisionFeatures",
     "__version__",
@@ -76,5 +79,6 @@ __all__ = [
     "paper_layers",
     "register_architecture",
     "register_vision_encoder",
+    "register_vlm_architecture",
     "supported_model_types",
 ]

@@ -617,7 +617,7 @@ class MiTModel(nn.Module):
             raise ValueError(
                 f"modality has {modality.shape[0]} rows but the inputs have batch size {batch}"
             )
-        if self.training and getattr(self.base_model, "is_activation_checkpointing", False):
+        if self.training and _checkpointing(self.base_model):
             raise NotImplementedError(
                 "MiT with gradient checkpointing is not supported yet: the recomputation in "
                 "backward runs after the modality context is cleared"
@@ -709,6 +709,17 @@ class MiTModel(nn.Module):
             f"layers={self.layer_ids}, form={c.form}, kv={c.kv_infusion}, "
             f"head_rescaling={c.head_rescaling}, ff={c.ff_infusion}, d_modality={c.d_modality}"
         )
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on: ``is_activation_checkpointing`` in
+    transformers >= 5.2x, ``is_gradient_checkpointing`` before (now a deprecated alias)."""
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    return bool(getattr(model, name, False))
 
 
 class _Restore:

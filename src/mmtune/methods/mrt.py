@@ -418,9 +418,17 @@ def projector_digest(base: LlavaStyleModel) -> str:
     return h.hexdigest()[:16]
 
 
-def inject_mrt(base: LlavaStyleModel, config: MRTConfig | None = None) -> MRTModel:
-    """Wrap ``base`` with MRT edits (the base stays frozen; only the edits train)."""
-    return MRTModel(base, config)
+def inject_mrt(base: nn.Module, config: MRTConfig | None = None) -> Any:
+    """Wrap ``base`` with MRT edits (the base stays frozen; only the edits train).
+
+    ``base`` is mmtune's :class:`LlavaStyleModel` (an :class:`MRTModel` comes back) or a
+    transformers VLM such as ``LlavaForConditionalGeneration`` (a
+    :class:`mmtune.methods.mrt_hf.MRTForVLM`, placed through its architecture table)."""
+    if isinstance(base, LlavaStyleModel):
+        return MRTModel(base, config)
+    from mmtune.methods.mrt_hf import MRTForVLM
+
+    return MRTForVLM(base, config)
 
 
 def load_mrt(
