@@ -63,6 +63,7 @@ from mmtune.training.rundir import (
     clear,
 )
 from mmtune.utils.io import (
+    atomic_write,
     load_tensors,
     save_tensors,
     verify_manifest,
@@ -643,7 +644,8 @@ def _save_checkpoint(
     ckpt.save_state(tmp, f"rng-rank{rank}", ckpt.rng_state())
     trainable = _trainable(module)
     digest = content_hash(trainable.values())  # every rank must hold the same weights
-    (tmp / f"trainable-sha256-rank{rank}.txt").write_text(digest + "\n")
+    with atomic_write(tmp / f"trainable-sha256-rank{rank}.txt") as part:  # ENOSPC names it
+        part.write_text(digest + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         digests = {(tmp / f"trainable-sha256-rank{r}.txt").read_text() for r in range(world)}

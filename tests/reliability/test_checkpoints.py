@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,7 @@ def test_non_finite_weights_are_refused_on_load(make_config, tmp_path):
 def test_a_damaged_final_dir_is_refused_naming_the_file(make_config, tmp_path, damage):
     out = tmp_path / "run"
     train(make_config(out, epochs=1), progress=False)
+    shutil.rmtree(out / "adapter")  # as mmtune < 0.3 saved a run: final/ is what loads
     final = out / "final"
     if damage == "truncate-weights":
         target = final / "trainable.safetensors"
@@ -143,9 +146,26 @@ def test_a_damaged_final_dir_is_refused_naming_the_file(make_config, tmp_path, d
         load_run(out)
 
 
+@pytest.mark.parametrize(
+    "target", ["task.safetensors", "adapter.safetensors", "mmtune_run.json", "adapter_config.json"]
+)
+def test_a_damaged_run_adapter_is_refused_naming_the_file(make_config, tmp_path, target):
+    out = tmp_path / "run"
+    train(make_config(out, epochs=1), progress=False)
+    path = out / "adapter" / target
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, the size unchanged
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"adapter/{re.escape(target)}: SHA-256 differs"):
+        evaluate_run(out, "test")
+    with pytest.raises(IntegrityError, match=rf"adapter/{re.escape(target)}: SHA-256 differs"):
+        load_run(out / "adapter")
+
+
 def test_final_weights_of_the_wrong_shape_are_named(make_config, tmp_path):
     out = tmp_path / "run"
     train(make_config(out, epochs=1), progress=False)
+    shutil.rmtree(out / "adapter")  # a run of mmtune < 0.3
     final = out / "final"
     tensors = load_file(str(final / "trainable.safetensors"))
     key = next(k for k in sorted(tensors) if tensors[k].ndim == 2)

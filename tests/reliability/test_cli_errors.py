@@ -113,8 +113,8 @@ def test_predict_inputs_are_checked(finished, tmp_path, mmtune, make_config):
     )
 
 
-def test_a_truncated_final_dir_is_one_line_naming_the_file(finished, mmtune):
-    weights = finished / "final" / "trainable.safetensors"
+def test_a_truncated_adapter_is_one_line_naming_the_file(finished, mmtune):
+    weights = finished / "adapter" / "task.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
     _one_line(mmtune("eval", finished), f"{weights}: 64 bytes, but")
 
