@@ -64,6 +64,7 @@ from mmtune.training.rundir import (
 )
 from mmtune.utils.io import (
     atomic_write,
+    copy_tensors_into,
     load_tensors,
     save_tensors,
     verify_manifest,
@@ -579,19 +580,7 @@ def load_trainable(module: nn.Module, path: Path) -> None:
     trainable ones, and its values finite."""
     weights = load_tensors(path, "trainable weights")
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-        raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, extra {extra[:5]}")
-    wrong = [
-        f"{n}: file {tuple(w.shape)} vs model {tuple(params[n].shape)}"
-        for n, w in weights.items()
-        if w.shape != params[n].shape
-    ]
-    if wrong:
-        raise ValueError(f"{path} does not fit the model: shape mismatches {'; '.join(wrong[:5])}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    copy_tensors_into(params, weights, path)
 
 
 FINAL_FORMAT = "mmtune-final/1"

@@ -40,6 +40,7 @@ from mmtune.methods.mit import MiTModel
 from mmtune.models.llm import EMBEDDED_LLMS
 from mmtune.utils.io import (
     atomic_write,
+    copy_tensors_into,
     load_tensors,
     read_json,
     save_tensors,
@@ -191,20 +192,7 @@ def load_run_adapter_weights(module: Any, directory: Path) -> None:
     weights = load_tensors(path, "task weights")
     own = {n: p for n, p in module.named_parameters() if p.requires_grad}
     task_own = {n: p for n, p in own.items() if not n.startswith(_LLM_PREFIXES)}
-    if set(weights) != set(task_own):
-        missing = sorted(set(task_own) - set(weights))
-        extra = sorted(set(weights) - set(task_own))
-        raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, extra {extra[:5]}")
-    wrong = [
-        f"{n}: file {tuple(w.shape)} vs model {tuple(task_own[n].shape)}"
-        for n, w in weights.items()
-        if w.shape != task_own[n].shape
-    ]
-    if wrong:
-        raise ValueError(f"{path} does not fit the model: shape mismatches {'; '.join(wrong[:5])}")
-    with torch.no_grad():
-        for n, w in weights.items():
-            task_own[n].copy_(w)
+    copy_tensors_into(task_own, weights, path)
     covered |= set(weights)
     left = sorted(set(own) - covered)
     if left:

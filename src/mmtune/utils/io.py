@@ -196,3 +196,29 @@ def verify_manifest(directory: str | os.PathLike[str], what: str = "directory") 
         if file_sha256(f) != digest:
             raise IntegrityError(f"{f}: SHA-256 differs from the one in {path} (file changed)")
     return manifest
+
+
+def copy_tensors_into(
+    params: dict[str, Any], weights: dict[str, Any], source: str | os.PathLike[str]
+) -> None:
+    """Copy ``weights`` into the same-named ``params`` (torch tensors); the key sets and every
+    shape must match exactly, else one ValueError naming ``source`` lists what differs."""
+    import torch
+
+    if set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise ValueError(
+            f"{source} does not fit the model: missing {missing[:5]}, extra {extra[:5]}"
+        )
+    wrong = [
+        f"{n}: file {tuple(w.shape)} vs model {tuple(params[n].shape)}"
+        for n, w in weights.items()
+        if w.shape != params[n].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{source} does not fit the model: shape mismatches {'; '.join(wrong[:5])}"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
