@@ -29,6 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(PY) -m pytest -q
 
@@ -48,6 +49,7 @@ upgrade-check:
 	$(UPGRADE_VENV)/bin/python -m pip download --quiet --no-binary :all: --no-deps \
 		vaderSentiment==3.3.2 -d $(UPGRADE_VENV)/share/mmtune
 	$(UPGRADE_VENV)/bin/ruff check src tests benchmarks
+	$(UPGRADE_VENV)/bin/lint-imports
 	$(UPGRADE_VENV)/bin/mkdocs build --strict --quiet --site-dir $(UPGRADE_VENV)/site
 	$(UPGRADE_VENV)/bin/python -m pytest -q -p no:cacheprovider
 	$(UPGRADE_VENV)/bin/python -m pip freeze --exclude-editable \
@@ -66,7 +68,8 @@ floor-check:
 	$(FLOOR_VENV)/bin/python -m pip download --quiet --no-binary :all: --no-deps \
 		vaderSentiment==3.3.2 -d $(FLOOR_VENV)/share/mmtune
 	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/methods tests/models \
-		tests/training tests/test_train.py tests/test_instruct.py
+		tests/training tests/recipes/test_train.py tests/recipes/test_instruct.py \
+		tests/recipes/test_instruct_loop.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

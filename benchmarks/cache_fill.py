@@ -1,7 +1,7 @@
 """The lower-layer cache against no cache, side by side (cost issue): 1-epoch and 3-epoch runs.
 
 Since 0.3 the cache fills itself during the first epoch and each split's first evaluation
-(``mmtune.pipeline.LowerLayerCache``), so a cached run should never be slower than an uncached
+(``mmtune.tasks.model.LowerLayerCache``), so a cached run should never be slower than an uncached
 one, however short. This trains the same config four times in one process, one after another
 (cache on/off x epochs), and writes one JSON with each run's wall and training seconds, its
 per-epoch seconds and its test headline (which must agree between cache on and off).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mmtune.train import load_train_config, train
+from mmtune.recipes.train import load_train_config, train
 
 
 def main() -> None:

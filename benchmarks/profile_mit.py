@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from mmtune.bench import BenchConfig, _Bench, load_bench_llm
+from mmtune.recipes.bench import BenchConfig, _Bench, load_bench_llm
 
 
 def _top(prof, n: int) -> list[dict]:

@@ -49,8 +49,9 @@ inject_mit(tiny_model("llama"), cfg).save_adapter({path!r})
 """
 
 PY_TRUNCATION = """
-from mmtune.train import TrainConfig, ModelConfig, build
-from mmtune.pipeline import TaskConfig
+from mmtune.recipes.train import TrainConfig, ModelConfig
+from mmtune.training.build import build
+from mmtune.tasks.model import TaskConfig
 from mmtune import MiTConfig
 cfg = TrainConfig(task=TaskConfig(data="digits-ve", data_options={{"num_samples": 40}}),
                   model=ModelConfig(llm={llm!r}, vision={vit!r}), mit=MiTConfig(layers=[3, 4]),

@@ -1,9 +1,9 @@
 """Decoder probe for shapes-ref (modality issue): can the segmentation decoder, on its own,
 segment the *named* object, and how much data does it need?
 
-It trains only the segmentation decoder (``mmtune.ceilings.decoder_probe``, the function behind
-the ceilings' ``decoder_probe`` row) on the frozen encoder's feature maps and a fixed vector per
-expression, so an epoch takes seconds instead of minutes:
+It trains only the segmentation decoder (``mmtune.recipes.ceilings.decoder_probe``, the function
+behind the ceilings' ``decoder_probe`` row) on the frozen encoder's feature maps and a fixed vector
+per expression, so an epoch takes seconds instead of minutes:
 
 - ``--text llm``: the frozen LLM's pooled prompt vector (what the text method's decoder sees;
   MiT adds the infusion to it);
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from mmtune.ceilings import decoder_probe
-from mmtune.pipeline import TaskConfig
-from mmtune.train import ModelConfig, TrainConfig, build
+from mmtune.recipes.ceilings import decoder_probe
+from mmtune.recipes.train import ModelConfig, TrainConfig
+from mmtune.tasks.model import TaskConfig
+from mmtune.training.build import build
 
 
 def text_vectors(model, texts: list[str], kind: str) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 from jsonargparse import auto_parser, set_parsing_settings
 
 from mmtune import cli
-from mmtune.showcase import DEMO_BENCHMARKS
-from mmtune.train import load_train_config
+from mmtune.recipes.demo import DEMO_BENCHMARKS
+from mmtune.recipes.train import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,26 +75,17 @@ def test_every_config_parses(path):
     elif path.parent.name == "mit":
         parser = auto_parser(cli.params, as_positional=False)
         assert parser.instantiate(parser.parse_path(str(path))).mit.d_modality > 0
-    elif path.parent.name == "compare":  # grids of `mmtune compare`: every file exists
-        parser = auto_parser(cli.compare, as_positional=False)
-        grid = parser.instantiate(parser.parse_path(str(path)))
-        from mmtune.compare import CompareConfig
-
+    elif path.parent.name in ("compare", "lmm"):  # grids of `mmtune compare` / `lmm table`
+        command = cli.compare if path.parent.name == "compare" else cli.lmm_table
+        parser = auto_parser(command, as_positional=False)
+        ns = vars(parser.instantiate(parser.parse_path(str(path))))
+        names = {f.name for f in dataclasses.fields(command.config)}
         with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(ROOT)
-            skip = ("__path__", "config", "report_only")
-            cfg = CompareConfig(**{k: v for k, v in vars(grid).items() if k not in skip})
-        assert cfg.benchmarks and cfg.variants and cfg.seeds == [0, 1, 2]
-    elif path.parent.name == "lmm":  # `mmtune lmm table` grids
-        parser = auto_parser(cli.lmm_table, as_positional=False)
-        ns = parser.instantiate(parser.parse_path(str(path)))
-        from mmtune.instruct import Stage1Config, TableConfig
-
-        cfg = TableConfig(
-            base=ns.base, stage1=Stage1Config(**ns.stage1_settings), benchmarks=ns.benchmarks,
-            methods=ns.methods, seeds=ns.seeds, epochs=ns.epochs, num_samples=ns.num_samples,
-        )  # fmt: skip
-        assert cfg.seeds == [0, 1, 2] and cfg.stage1.num_samples == 200
+            mp.chdir(ROOT)  # the grids name their files relative to the repository
+            cfg = command.config(**{k: v for k, v in ns.items() if k in names})
+        assert cfg.benchmarks and cfg.seeds == [0, 1, 2]
+        if path.parent.name == "lmm":
+            assert cfg.stage1.num_samples == 200
     elif path.name == "smoke.yaml":
         parser = auto_parser(cli.smoke, as_positional=False)
         assert parser.instantiate(parser.parse_path(str(path))).settings.steps > 0
@@ -111,7 +103,7 @@ def test_train_command_takes_a_yaml_then_overrides(monkeypatch, tmp_path):
         seen["cfg"] = cfg
         raise SystemExit(0)
 
-    monkeypatch.setattr("mmtune.train.train", fake_train)
+    monkeypatch.setattr("mmtune.recipes.train.train", fake_train)
     with pytest.raises(SystemExit):
         cli.main(
             [

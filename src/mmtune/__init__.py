@@ -12,7 +12,6 @@ from mmtune.encoders import (
     load_vision_encoder,
     register_vision_encoder,
 )
-from mmtune.methods.base import ParameterCount, count_parameters
 from mmtune.methods.concat import (
     ConcatConfig,
     PeftAdapterConfig,
@@ -25,19 +24,23 @@ from mmtune.methods.mrt import (
     LoReFTEdit,
     MRTConfig,
     MRTControl,
+    MRTForVLM,
     MRTModel,
+    VLMSpec,
     inject_mrt,
     load_mrt,
+    register_vlm_architecture,
 )
-from mmtune.methods.mrt_hf import MRTForVLM, VLMSpec, register_vlm_architecture
 from mmtune.models.architectures import (
     ArchitectureSpec,
     register_architecture,
     supported_model_types,
 )
-from mmtune.models.cache import FeatureCache
 from mmtune.models.llm import load_llm
 from mmtune.models.lmm import LlavaStyleModel, LMMBatch, LMMConfig, build_lmm, load_lmm
+from mmtune.tasks import Task, get_task, register_task
+from mmtune.utils.adapter_file import ParameterCount, count_parameters
+from mmtune.utils.cache import FeatureCache
 
 __all__ = [
     "ArchitectureSpec",
@@ -60,6 +63,7 @@ __all__ = [
     "PeftAdapterConfig",
     "SequenceEncoder",
     "SequenceEncoderConfig",
+    "Task",
     "TokenProjector",
     "VLMSpec",
     "VisionEncoder",
@@ -68,6 +72,7 @@ __all__ = [
     "build_lmm",
     "count_parameters",
     "encode_images",
+    "get_task",
     "image_tokens",
     "inject_mit",
     "inject_mrt",
@@ -78,6 +83,7 @@ __all__ = [
     "load_vision_encoder",
     "paper_layers",
     "register_architecture",
+    "register_task",
     "register_vision_encoder",
     "register_vlm_architecture",
     "supported_model_types",

@@ -10,22 +10,18 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jsonargparse import auto_cli, set_parsing_settings
 
 from mmtune._version import __version__
-from mmtune.bench import BENCH_METHODS, BenchConfig
-from mmtune.compare import DEFAULT_BENCHMARKS, DEFAULT_VARIANTS, CompareConfig
-from mmtune.demo import SmokeDemoConfig, run_smoke_demo
-from mmtune.instruct import Method as InstructMethod
-from mmtune.instruct import Stage1Config, TableConfig, TuneConfig
-from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
 from mmtune.methods.mrt import MRTConfig
-from mmtune.models.lmm import LMMConfig
-from mmtune.pipeline import TaskConfig
-from mmtune.train import Method, ModelConfig, OptimConfig, TrainConfig, load_train_config
+from mmtune.recipes.bench import BenchConfig
+from mmtune.recipes.compare import CompareConfig
+from mmtune.recipes.instruct import Stage1Config, TableConfig, TuneConfig
+from mmtune.recipes.smoke import SmokeDemoConfig, run_smoke_demo
+from mmtune.recipes.train import TrainConfig, load_train_config
 from mmtune.utils.io import atomic_write
 from mmtune.utils.progress import Progress
 
@@ -54,6 +50,60 @@ def _documented(*sources: type, **extra: str):
     return wrap
 
 
+def _from_config(config: type, summary: str, **extra: tuple[Any, Any, str]):
+    """A command whose options are the fields of the dataclass ``config`` (with their types,
+    defaults and attribute docstrings, litgpt style), plus ``extra`` = {name: (type, default,
+    help)} of its own. The decorated function is called as ``fn(config_object, **extra)``, so
+    no field is listed twice and a new field is a new option at once."""
+    import dataclasses
+    import functools
+    import inspect
+    import typing
+
+    import docstring_parser
+
+    hints = typing.get_type_hints(config)
+    docs = {
+        p.arg_name: " ".join((p.description or "").split())
+        for p in docstring_parser.parse_from_object(config).params
+    }
+    params, lines = [], []
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                              annotation=hints[f.name])
+        )  # fmt: skip
+        if not docs.get(f.name):
+            raise TypeError(f"{config.__name__}.{f.name}: no docstring (it is the option's help)")
+        lines.append(f"        {f.name}: {docs[f.name]}")
+    for name, (annotation, default, doc) in extra.items():
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                              annotation=annotation)
+        )  # fmt: skip
+        lines.append(f"        {name}: {doc}")
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            own = {name: kwargs.pop(name) for name in extra}
+            return fn(config(**kwargs), **own)
+
+        command.__signature__ = inspect.Signature(params)  # what jsonargparse reads
+        command.__doc__ = (
+            f"{summary}\n\n    The options are the fields of {config.__module__}."
+            f"{config.__qualname__}.\n\n    Args:\n" + "\n".join(lines) + "\n"
+        )
+        del command.__wrapped__  # the signature above, not fn's
+        command.config = config  # type: ignore[attr-defined]
+        return command
+
+    return wrap
+
+
 def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> None:
     """The main job: MiT beside the text-only method on the three mini-benchmarks, with each
     run's reliance on the modality (the metric with every sample's modality taken from another
@@ -66,7 +116,7 @@ def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> No
     """
     import time
 
-    from mmtune.showcase import DEMO_BENCHMARKS, DEMO_METHODS, run_demo
+    from mmtune.recipes.demo import DEMO_BENCHMARKS, DEMO_METHODS, run_demo
 
     start = time.perf_counter()
 
@@ -125,7 +175,7 @@ def smoke(
     """Smoke demo: MiT on a tiny random LLaMA with a synthetic task (seconds, CPU).
 
     Args:
-        settings: steps, batch size, classes, seed ... (mmtune.demo.SmokeDemoConfig).
+        settings: steps, batch size, classes, seed ... (mmtune.recipes.smoke.SmokeDemoConfig).
         out: directory for results.json and the saved adapter.
         quiet: no progress output.
     """
@@ -289,48 +339,13 @@ def data_inspect(
         print(f"  {key}: {value}")
 
 
-@_documented(TrainConfig, quiet="No progress bars.")
-def train(
-    task: TaskConfig = TaskConfig(),  # noqa: B008 (jsonargparse reads these defaults)
-    model: ModelConfig = ModelConfig(),  # noqa: B008
-    method: Method = "mit",
-    mit: MiTConfig = MiTConfig(),  # noqa: B008
-    concat: ConcatConfig = ConcatConfig(),  # noqa: B008
-    peft: PeftAdapterConfig = PeftAdapterConfig(),  # noqa: B008
-    optim: OptimConfig = OptimConfig(),  # noqa: B008
-    output_dir: str = "runs/train",
-    seed: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-    cache_lower_layers: bool = True,
-    feature_cache: bool = True,
-    keep_checkpoints: int = 2,
-    plots: bool = True,
-    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard",
-    quiet: bool = False,
-) -> None:
-    """Train on a task: mmtune train CONFIG.yaml [--config VARIANT.yaml] [--optim.epochs=3 ...].
-
-    The arguments are the fields of mmtune.train.TrainConfig, plus quiet."""
-    config = TrainConfig(
-        task=task,
-        model=model,
-        method=method,
-        mit=mit,
-        concat=concat,
-        peft=peft,
-        optim=optim,
-        output_dir=output_dir,
-        seed=seed,
-        resume=resume,
-        overwrite=overwrite,
-        cache_lower_layers=cache_lower_layers,
-        feature_cache=feature_cache,
-        keep_checkpoints=keep_checkpoints,
-        plots=plots,
-        report_to=report_to,
-    )
-    from mmtune.train import train as run
+@_from_config(
+    TrainConfig,
+    "Train on a task: mmtune train CONFIG.yaml [--config VARIANT.yaml] [--optim.epochs=3 ...].",
+    quiet=(bool, False, "No progress bars."),
+)
+def train(config: TrainConfig, quiet: bool = False) -> None:
+    from mmtune.recipes.train import train as run
 
     results = run(config, progress=None if quiet else _bars())
     import torch.distributed as dist
@@ -368,7 +383,7 @@ def ceilings(benchmark: Path, output: Path | None = None, probe_epochs: int = 30
         output: also write the result to this JSON file.
         probe_epochs: segmentation: epochs of the decoder probe (0: skip it).
     """
-    from mmtune.ceilings import ceilings as run_ceilings
+    from mmtune.recipes.ceilings import ceilings as run_ceilings
     from mmtune.utils.io import write_json
 
     result = run_ceilings(load_train_config(benchmark), probe_epochs, _bars())
@@ -392,7 +407,7 @@ def evaluate(run: Path, split: str = "test") -> None:
         run: the run's output_dir.
         split: which split to score.
     """
-    from mmtune.evaluate import evaluate_run, write_eval
+    from mmtune.recipes.evaluate import evaluate_run, write_eval
 
     result = evaluate_run(run, split, write=False, progress=_bars())
     m = result["metrics"]
@@ -422,59 +437,27 @@ def predict(
         frames: sentiment runs with frame modalities: an .npz with 'audio' / 'vision' arrays.
         out: where a segmentation overlay is written.
     """
-    from mmtune.evaluate import predict as run_predict
+    from mmtune.recipes.evaluate import predict as run_predict
 
     print(json.dumps(run_predict(run, text, image, frames, out)))
 
 
-@_documented(
+@_from_config(
     BenchConfig,
-    output="The JSON file to write: every row, the ratios against the targets, the setup.",
-    plot="Also write a PNG beside it: cost against image tokens, one line per method.",
+    "Cost of text / MiT / concatenation (+LoRA, +IA3) side by side: time, memory, FLOPs.",
+    output=(
+        Path,
+        Path("benchmarks/results/bench.json"),
+        "The JSON file to write: every row, the ratios against the targets, the setup.",
+    ),
+    plot=(
+        bool,
+        True,
+        "Also write a PNG beside it: cost against image tokens, one line per method.",
+    ),
 )
-def bench(
-    llm: str = "smollm2-135m",
-    num_layers: int | None = None,
-    methods: list[str] = list(BENCH_METHODS),  # noqa: B006
-    text_lengths: list[int] = [32, 64, 128],  # noqa: B006
-    image_tokens: list[int] = [0, 64, 256, 576],  # noqa: B006
-    batch_size: int = 8,
-    d_image: int = 1024,
-    mit: MiTConfig = MiTConfig(),  # noqa: B008
-    peft: PeftAdapterConfig = PeftAdapterConfig(),  # noqa: B008
-    warmup: int = 1,
-    repeats: int = 3,
-    max_seconds: float = 60.0,
-    dtype: str = "float32",
-    device: str = "auto",
-    seed: int = 0,
-    output: Path = Path("benchmarks/results/bench.json"),
-    plot: bool = True,
-) -> None:
-    """Cost of text / MiT / concatenation (+LoRA, +IA3) side by side: time, memory, FLOPs.
-
-    The arguments are the fields of mmtune.bench.BenchConfig (see its docs), plus: output, the
-    JSON file to write (every row, the ratios against the targets, the setup), and plot, whether
-    to write a PNG beside it (cost against image tokens, one line per method).
-    """
-    config = BenchConfig(
-        llm=llm,
-        num_layers=num_layers,
-        methods=methods,
-        text_lengths=text_lengths,
-        image_tokens=image_tokens,
-        batch_size=batch_size,
-        d_image=d_image,
-        mit=mit,
-        peft=peft,
-        warmup=warmup,
-        repeats=repeats,
-        max_seconds=max_seconds,
-        dtype=dtype,
-        device=device,
-        seed=seed,
-    )
-    from mmtune.bench import plot_bench, run_bench, write_bench
+def bench(config: BenchConfig, output: Path, plot: bool) -> None:
+    from mmtune.recipes.bench import plot_bench, run_bench, write_bench
 
     def show(row: dict) -> None:
         fwd = f"forward {row['forward_ms']:9.1f} ms" if "forward_ms" in row else " " * 22
@@ -496,41 +479,18 @@ def bench(
             print(f"  {name}: {json.dumps(value)} (target {ratio['target']}; met: {ratio['met']})")
 
 
-@_documented(
+@_from_config(
     CompareConfig,
-    report_only="Aggregate the runs already in output_dir without starting any.",
+    "Train every variant on every benchmark with every seed; write accuracy.json / .md.",
+    report_only=(bool, False, "Aggregate the runs already in output_dir without starting any."),
 )
-def compare(
-    benchmarks: list[str] = list(DEFAULT_BENCHMARKS),  # noqa: B006
-    variants: list[str] = list(DEFAULT_VARIANTS),  # noqa: B006
-    seeds: list[int] = [0, 1, 2],  # noqa: B006
-    lrs: list[float] | None = None,
-    output_dir: str = "benchmarks/results/accuracy",
-    workers: int = 1,
-    threads: int | None = None,
-    keep_weights: bool = False,
-    report_only: bool = False,
-) -> None:
-    """Train every variant on every benchmark with every seed; write accuracy.json / .md.
-
-    The arguments are the fields of mmtune.compare.CompareConfig (see its docs), plus
-    report_only: aggregate the runs already in output_dir without starting any.
-    """
-    from mmtune.compare import report, run_compare
+def compare(cfg: CompareConfig, report_only: bool) -> None:
+    output_dir = cfg.output_dir
+    from mmtune.recipes.compare import report, run_compare
 
     if report_only:
         table = report(output_dir)
     else:
-        cfg = CompareConfig(
-            benchmarks=benchmarks,
-            variants=variants,
-            seeds=seeds,
-            lrs=lrs,
-            output_dir=output_dir,
-            workers=workers,
-            threads=threads,
-            keep_weights=keep_weights,
-        )
         table = run_compare(cfg, log=lambda line: print(line, flush=True))
         for failure in table["failures"]:
             print(f"failed: {failure}")
@@ -540,37 +500,18 @@ def compare(
 # ----------------------------------------------------------------------------- LLaVA-style + MRT
 
 
-@_documented(Stage1Config, quiet="No step lines.")
-def lmm_stage1(
-    lmm: LMMConfig = LMMConfig(),  # noqa: B008
-    benchmarks: list[str] = ["digits", "shapes"],  # noqa: B006
-    num_samples: int = 400,
-    epochs: int = 1,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    seed: int = 0,
-    output_dir: Path = Path("runs/lmm/stage1"),
-    threads: int | None = None,
-    quiet: bool = False,
-) -> None:
-    """Stage 1: train only the projector on captions of the VQA benchmarks' train images.
+@_from_config(
+    Stage1Config,
+    "Stage 1: train only the projector on captions of the VQA benchmarks' train images.",
+    quiet=(bool, False, "No step lines."),
+)
+def lmm_stage1(cfg: Stage1Config, quiet: bool) -> None:
+    from mmtune.recipes.instruct import stage1
 
-    The arguments are the fields of mmtune.instruct.Stage1Config, plus quiet.
-    """
-    from mmtune.instruct import Stage1Config, stage1
-
-    cfg = Stage1Config(
-        lmm=lmm,
-        benchmarks=benchmarks,
-        num_samples=num_samples,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        output_dir=output_dir,
-        threads=threads,
-    )
+    output_dir = cfg.output_dir
     r = stage1(cfg, progress=None if quiet else _step_printer())
+    if not r:  # not the main process of a distributed run: it wrote nothing
+        return
     print(
         f"stage 1: {r['captions']} captions, loss {r['loss_first']:.3f} -> "
         f"{r['loss_last_10']:.3f} (last 10 steps), {r['train_seconds']:.0f} s; "
@@ -613,53 +554,22 @@ def _step_printer(every: float = 5.0):
     return show
 
 
-@_documented(TuneConfig, quiet="No step lines or progress bars.")
-def lmm_tune(
-    benchmark: str = "digits",
-    method: InstructMethod = "mrt",
-    base: Path = Path("runs/lmm/stage1"),
-    mrt: MRTConfig = MRTConfig(),  # noqa: B008
-    peft: PeftAdapterConfig = PeftAdapterConfig(),  # noqa: B008
-    num_samples: int = 400,
-    epochs: int = 2,
-    batch_size: int = 8,
-    lr: float | None = None,
-    seed: int = 0,
-    max_new_tokens: int = 6,
-    eval_batch_size: int = 16,
-    output_dir: Path = Path("runs/lmm/tune"),
-    save_adapter: bool = True,
-    threads: int | None = None,
-    quiet: bool = False,
-) -> None:
-    """Instruction-tune a stage-1 model on a VQA mini-benchmark (mrt, projector, lora, zero-shot).
+@_from_config(
+    TuneConfig,
+    "Instruction-tune a stage-1 model on a VQA mini-benchmark (mrt, projector, lora, zero-shot).",
+    quiet=(bool, False, "No step lines or progress bars."),
+)
+def lmm_tune(cfg: TuneConfig, quiet: bool) -> None:
+    from mmtune.recipes.instruct import tune
 
-    The arguments are the fields of mmtune.instruct.TuneConfig, plus quiet.
-    """
-    from mmtune.instruct import TuneConfig, tune
-
-    cfg = TuneConfig(
-        benchmark=benchmark,
-        method=method,
-        base=base,
-        mrt=mrt,
-        peft=peft,
-        num_samples=num_samples,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-        eval_batch_size=eval_batch_size,
-        output_dir=output_dir,
-        save_adapter=save_adapter,
-        threads=threads,
-    )
+    benchmark, method, output_dir = cfg.benchmark, cfg.method, cfg.output_dir
     r = tune(
         cfg,
         progress=None if quiet else _step_printer(),
         answers=None if quiet else _bars(),
     )
+    if not r:  # not the main process of a distributed run: it wrote nothing
+        return
     p = r["params"]
     print(
         f"{benchmark} / {method}: test exact match {r['test']['exact_match']:.3f} "
@@ -669,51 +579,33 @@ def lmm_tune(
     )
 
 
-@_documented(
+@_from_config(
     TableConfig,
-    stage1_settings="Fields of mmtune.instruct.Stage1Config for stage 1, run when base does "
-    "not exist yet (e.g. {num_samples: 200, lr: 0.002}).",
-    report_only="Aggregate the cells already in output_dir without starting any.",
+    "The VQA table: methods x benchmarks x seeds (resumable), then vqa.json / vqa.md.",
+    stage1_settings=(
+        dict | None,
+        None,
+        "Deprecated spelling of stage1 (the Stage1Config fields); removed in mmtune 0.5.",
+    ),
+    report_only=(bool, False, "Aggregate the cells already in output_dir without starting any."),
 )
-def lmm_table(
-    base: Path = Path("benchmarks/results/vqa/stage1"),
-    stage1_settings: dict | None = None,
-    benchmarks: list[str] = ["digits", "shapes"],  # noqa: B006
-    methods: list[str] = ["zero-shot", "projector", "lora", "mrt"],  # noqa: B006
-    seeds: list[int] = [0, 1, 2],  # noqa: B006
-    epochs: int = 2,
-    num_samples: int = 400,
-    batch_size: int = 8,
-    mrt: MRTConfig = MRTConfig(),  # noqa: B008
-    output_dir: Path = Path("benchmarks/results/vqa"),
-    threads: int | None = None,
-    save_adapters: bool = False,
-    report_only: bool = False,
-) -> None:
-    """The VQA table: methods x benchmarks x seeds (resumable), then vqa.json / vqa.md.
+def lmm_table(cfg: TableConfig, stage1_settings: dict | None, report_only: bool) -> None:
+    import dataclasses
+    import warnings
 
-    The arguments are the fields of mmtune.instruct.TableConfig (stage1_settings: fields of
-    Stage1Config used when base does not exist), plus report_only.
-    """
-    from mmtune.instruct import Stage1Config, TableConfig, table_report, vqa_table
+    from mmtune.recipes.instruct import Stage1Config, table_report, vqa_table
 
+    output_dir = cfg.output_dir
+    if stage1_settings is not None:
+        warnings.warn(
+            "lmm table: stage1_settings is deprecated, write its fields under stage1 instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        cfg = dataclasses.replace(cfg, stage1=Stage1Config(**stage1_settings))
     if report_only:
         table_report(output_dir)
     else:
-        cfg = TableConfig(
-            base=base,
-            stage1=Stage1Config(**(stage1_settings or {})),
-            benchmarks=benchmarks,
-            methods=methods,
-            seeds=seeds,
-            epochs=epochs,
-            num_samples=num_samples,
-            batch_size=batch_size,
-            mrt=mrt,
-            output_dir=output_dir,
-            threads=threads,
-            save_adapters=save_adapters,
-        )
         vqa_table(cfg, log=lambda line: print(line, flush=True))
     print(Path(output_dir, "vqa.md").read_text())
 
@@ -768,7 +660,7 @@ def lmm_generate(
 ) -> None:
     """Answer a prompt about images with an MRT adapter (or a stage-1 base), under control."""
     from mmtune.data.vqa import VQA_BENCHMARKS
-    from mmtune.instruct import answer, load_for_generation
+    from mmtune.recipes.instruct import answer, load_for_generation
 
     images: list = [str(p) for p in image or []]
     if item is not None:
@@ -817,7 +709,7 @@ def lmm_eval(
     output: Path | None = None,
 ) -> None:
     """Exact match of an MRT adapter on a VQA split under control (no training)."""
-    from mmtune.instruct import evaluate_adapter
+    from mmtune.recipes.instruct import evaluate_adapter
 
     control = _control(scale, edit_scales, first, last, positions, visual_tokens)
     r = evaluate_adapter(
@@ -846,7 +738,7 @@ def lmm_params(
         vision: clip-vit-l-14-336 (LLaVA-1.5's tower) or mobilenet-v2 (the embedded one).
         mrt: the MRT config.
     """
-    from mmtune.instruct import mrt_share
+    from mmtune.recipes.instruct import mrt_share
 
     print(json.dumps(mrt_share(llm, vision, mrt), indent=2))
 

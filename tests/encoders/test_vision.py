@@ -28,7 +28,7 @@ from mmtune.encoders import (
     vision_encoders,
 )
 from mmtune.encoders.hf_vision import _preprocess_from_processor
-from mmtune.models.cache import FeatureCache
+from mmtune.utils.cache import FeatureCache
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
         "num_attention_heads": 4, "image_size": 32, "patch_size": 8}  # fmt: skip

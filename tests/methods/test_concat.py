@@ -13,7 +13,7 @@ from mmtune.methods.concat import (
     image_tokens,
     inject_peft,
 )
-from mmtune.pipeline import TaskConfig, TaskModel
+from mmtune.tasks.model import TaskConfig, TaskModel
 
 
 def test_image_tokens_are_row_major_cells_and_pool_to_a_grid():

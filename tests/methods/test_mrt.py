@@ -13,9 +13,9 @@ from tests.tiny_assets import tiny_llm_dir, tiny_vit_dir
 from mmtune import LMMConfig, LoReFTEdit, MRTConfig, MRTControl, MRTModel, inject_mrt, load_mrt
 from mmtune.encoders.images import ImagePreprocess
 from mmtune.encoders.mobilenet import MobileNetV2Encoder
-from mmtune.instruct import VISION_SHAPES, fit, mrt_share
 from mmtune.methods.mrt import mrt_trainable
 from mmtune.models.lmm import LlavaStyleModel, VisualTokens, build_lmm, load_lmm
+from mmtune.recipes.instruct import VISION_SHAPES, fit, mrt_share
 
 PROMPTS = [
     "<image> which digit is shown ?",
@@ -147,6 +147,30 @@ def test_one_step_changes_only_edit_parameters(dirs):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("edits.") for k in changed)
     assert any("source.weight" in k for k in changed)
+
+
+def test_every_edit_gets_a_gradient(dirs):
+    # an edit whose output the model never reads (a ViT block after the feature layer, or the
+    # feature layer's own output recorded before the edit) would get none and never train
+    mrt = perturb(inject_mrt(tiny_lmm(dirs), MRTConfig(vision_layers=[0, -1], llm_layers=[0, 2])))
+    mrt.loss(batch_of(mrt.base, answers=True)).backward()
+    dead = [n for n, p in mrt.named_parameters() if p.requires_grad and p.grad is None]
+    assert not dead and mrt.edit_names[:2] == ["vision.0", "vision.1"]
+
+
+def test_vit_visual_tokens_are_the_feature_layers_output(dirs):
+    model = tiny_lmm(dirs)
+    tower = model.tower
+    pixels = tower.preprocess(images(2))
+    with torch.no_grad():
+        out = tower.encoder.model(pixel_values=pixels, output_hidden_states=True)
+        hidden = out.hidden_states[tower.feature_layer]
+        expected = hidden[:, hidden.shape[1] - tower.grid * tower.grid :]
+        torch.testing.assert_close(tower(pixels), expected, rtol=0, atol=0)
+    depth = len(out.hidden_states) - 1
+    assert len(tower.blocks) == depth - 1  # feature layer -2: the last block is never read
+    with pytest.raises(ValueError, match="outside the encoder's 2 blocks"):
+        inject_mrt(model, MRTConfig(vision_layers=[2]))
 
 
 def test_llm_positions_come_from_each_samples_real_prompt_span(dirs):

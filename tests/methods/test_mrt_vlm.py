@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from mmtune import MRTConfig, inject_mrt
-from mmtune.methods.mrt_hf import MRTForVLM
+from mmtune.methods.mrt import MRTForVLM
 
 IMAGE = 99  # the image placeholder id
 N = 4  # image tokens per image: (28 / 14)^2 patches, CLS dropped ("default" strategy)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mmtune import MiTConfig
-from mmtune.pipeline import TaskConfig
-from mmtune.train import ModelConfig, OptimConfig, TrainConfig
+from mmtune.recipes.train import ModelConfig, OptimConfig, TrainConfig
+from mmtune.tasks.model import TaskConfig
 from tiny_assets import tiny_llm_dir, tiny_vit_dir
 
 ROOT = Path(__file__).resolve().parents[2]

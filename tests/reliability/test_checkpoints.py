@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmtune.evaluate import evaluate_run, load_run
-from mmtune.train import train
+from mmtune.recipes.evaluate import evaluate_run, load_run
+from mmtune.recipes.train import train
 from mmtune.training import checkpoint as ckpt
 from mmtune.utils.io import IntegrityError, write_manifest
 
@@ -195,7 +195,7 @@ def test_adapter_damage_is_refused_on_from_pretrained(tmp_path, damage):
         tensors[key] = torch.full_like(tensors[key], float("nan"))
         save_file(tensors, str(weights))
         meta = json.loads(config.read_text())
-        from mmtune.methods.base import _meta_digest
+        from mmtune.utils.adapter_file import _meta_digest
         from mmtune.utils.io import file_sha256
 
         meta["sha256"]["adapter.safetensors"] = file_sha256(weights)

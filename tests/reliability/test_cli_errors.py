@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmtune.train import train
+from mmtune.recipes.train import train
 
 from .conftest import cli_env, last_line
 

@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from mmtune.models.cache import DirectoryCache
+from mmtune.utils.cache import DirectoryCache
 from mmtune.utils.io import atomic_write, save_tensors, write_json
 
 
@@ -27,7 +27,7 @@ def test_written_files_follow_the_umask(tmp_path, umask):
 
 
 def test_run_outputs_follow_the_umask(make_config, tmp_path):
-    from mmtune.train import train
+    from mmtune.recipes.train import train
 
     old = os.umask(0o022)
     try:

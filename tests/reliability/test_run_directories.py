@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mmtune.train import train
+from mmtune.recipes.train import train
 from mmtune.training.rundir import Finisher, RunLock
 
 from .conftest import ROOT, last_line
@@ -151,7 +151,7 @@ def test_resume_and_overwrite_together_are_refused(make_config, tmp_path):
 
 
 def test_a_compare_cell_that_was_stopped_is_resumed_not_refused(tmp_path):
-    from mmtune.compare import Cell, _command
+    from mmtune.recipes.compare import Cell, _command
 
     cell = Cell("b.yaml", "v.yaml", 0, None)
     out = tmp_path / "cell"

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from mmtune.data import annotation_mask, load_mmsa, load_refcoco, load_snli_ve
-from mmtune.pipeline import TaskConfig
-from mmtune.train import ModelConfig, OptimConfig, TrainConfig, build, train
+from mmtune.recipes.train import ModelConfig, OptimConfig, TrainConfig, train
+from mmtune.tasks.model import TaskConfig
+from mmtune.training.build import build
 from tiny_assets import tiny_llm_dir, tiny_vit_dir
 
 
@@ -168,7 +169,7 @@ def test_mmsa_empty_texts_and_duplicate_ids_are_refused(tmp_path):
 
 
 def test_huge_frame_values_name_the_samples(make_config, tmp_path):
-    from mmtune.pipeline import collate
+    from mmtune.tasks.model import collate
 
     cfg = make_config(tmp_path / "run", data="movie-sentiment")
     model, splits, _, _ = build(cfg)
@@ -216,7 +217,7 @@ def test_cut_prompts_are_counted_in_one_warning(make_config, tmp_path):
 
 
 def test_inputs_the_run_does_not_read_are_named_in_a_warning(make_config, tmp_path):
-    from mmtune.evaluate import predict
+    from mmtune.recipes.evaluate import predict
 
     run = tmp_path / "run"
     train(make_config(run, epochs=1), progress=False)
@@ -228,7 +229,7 @@ def test_inputs_the_run_does_not_read_are_named_in_a_warning(make_config, tmp_pa
 
 
 def test_an_image_for_a_sentiment_run_is_named_in_a_warning(make_config, tmp_path):
-    from mmtune.evaluate import predict
+    from mmtune.recipes.evaluate import predict
 
     run = tmp_path / "sentiment"
     train(make_config(run, data="movie-sentiment", epochs=1), progress=False)

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from mmtune import MiTConfig, MiTModel, load_llm
-from mmtune.evaluate import evaluate_run, load_run
-from mmtune.pipeline import TaskConfig
-from mmtune.train import ModelConfig, OptimConfig, TrainConfig, train
+from mmtune.recipes.evaluate import evaluate_run, load_run
+from mmtune.recipes.train import ModelConfig, OptimConfig, TrainConfig, train
+from mmtune.tasks.model import TaskConfig
 from mmtune.utils.io import IntegrityError
 from tiny_assets import tiny_llm_dir, tiny_vit_dir
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mmtune import MiTConfig
-from mmtune.pipeline import TaskConfig
-from mmtune.train import ModelConfig, OptimConfig, TrainConfig, train
+from mmtune.recipes.train import ModelConfig, OptimConfig, TrainConfig, train
+from mmtune.tasks.model import TaskConfig
 from tiny_assets import tiny_llm_dir, tiny_vit_dir
 
 

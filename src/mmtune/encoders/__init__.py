@@ -1,5 +1,6 @@
 """Encoders of the non-text modalities: frozen vision encoders and trainable sequence encoders."""
 
+from mmtune.encoders.hf_vision import HFVisionEncoder
 from mmtune.encoders.images import ImagePreprocess, to_rgb_array
 from mmtune.encoders.mobilenet import MobileNetV2Encoder
 from mmtune.encoders.sequence import (
@@ -17,6 +18,7 @@ from mmtune.encoders.vision import (
 )
 
 __all__ = [
+    "HFVisionEncoder",
     "ImagePreprocess",
     "MobileNetV2Encoder",
     "MultiModalSequenceEncoder",

@@ -16,8 +16,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from mmtune.encoders.images import ImagePreprocess
-from mmtune.encoders.vision import VisionEncoder, VisionFeatures
-from mmtune.models.cache import content_hash
+from mmtune.encoders.vision import VisionEncoder, VisionFeatures, register_vision_encoder
+from mmtune.utils.cache import content_hash
 
 __all__ = ["HFVisionEncoder"]
 
@@ -147,3 +147,13 @@ class HFVisionEncoder(VisionEncoder):
             patches = h[:, prefix:].reshape(b, self.grid, self.grid, c)  # (B, g, g, C)
             levels.append(patches.permute(0, 3, 1, 2).contiguous())  # (B, C, g, g)
         return VisionFeatures(pooled=pooled, levels=levels)
+
+
+def _build_hf(source: str | nn.Module, **kwargs: Any) -> HFVisionEncoder:
+    """Any HF vision model: a loaded module, or a directory / hub id for ``from_pretrained``."""
+    if isinstance(source, nn.Module):
+        return HFVisionEncoder(source, **kwargs)
+    return HFVisionEncoder.from_pretrained(source, **kwargs)
+
+
+register_vision_encoder("hf", _build_hf)

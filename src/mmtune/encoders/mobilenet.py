@@ -17,8 +17,8 @@ from torch import nn
 
 from mmtune.encoders.images import ImagePreprocess
 from mmtune.encoders.vision import VisionEncoder, VisionFeatures, register_vision_encoder
-from mmtune.models.cache import file_sha256
-from mmtune.models.llm import EmbeddedFile, embedded_file
+from mmtune.utils.cache import file_sha256
+from mmtune.utils.embedded import EmbeddedFile, embedded_file
 
 __all__ = ["MOBILENET_V2_WEIGHTS", "MobileNetV2", "MobileNetV2Encoder"]
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mmtune.encoders.images import ImageLike, ImagePreprocess
-from mmtune.models.cache import FeatureCache, content_hash
+from mmtune.utils.cache import FeatureCache, content_hash
 from mmtune.utils.progress import Progress, tracked
 
 __all__ = [
@@ -81,7 +81,12 @@ _BUILDERS: dict[str, Callable[..., VisionEncoder]] = {}
 
 
 def register_vision_encoder(name: str, builder: Callable[..., VisionEncoder]) -> None:
-    """Register a named vision-encoder builder (one registration point)."""
+    """Register a named vision-encoder builder (the one registration point).
+
+    ``builder(**kwargs)`` returns the encoder. The name ``"hf"`` is special: its builder takes
+    the source first (``builder(source, **kwargs)``, a path, a hub id or a loaded HF model) and
+    serves every source that is not a registered name (:mod:`mmtune.encoders.hf_vision`
+    registers it)."""
     _BUILDERS[name] = builder
 
 
@@ -91,16 +96,13 @@ def vision_encoders() -> list[str]:
 
 def load_vision_encoder(source: str | os.PathLike | nn.Module = "mobilenet-v2", **kwargs: Any):
     """A frozen, eval-mode vision encoder from a registered name, an HF path/id or HF model."""
-    if isinstance(source, nn.Module):
-        from mmtune.encoders.hf_vision import HFVisionEncoder
-
-        encoder = HFVisionEncoder(source, **kwargs)
-    elif str(source) in _BUILDERS:
+    if not isinstance(source, nn.Module) and str(source) in _BUILDERS and str(source) != "hf":
         encoder = _BUILDERS[str(source)](**kwargs)
-    else:
-        from mmtune.encoders.hf_vision import HFVisionEncoder
-
-        encoder = HFVisionEncoder.from_pretrained(str(source), **kwargs)
+    elif "hf" in _BUILDERS:
+        hf_source = source if isinstance(source, nn.Module) else str(source)
+        encoder = _BUILDERS["hf"](hf_source, **kwargs)
+    else:  # pragma: no cover - mmtune.encoders registers "hf" on import
+        raise KeyError(f"vision encoder {source!r}: not one of {vision_encoders()}")
     encoder.requires_grad_(False)
     return encoder.eval()
 

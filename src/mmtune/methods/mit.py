@@ -51,20 +51,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtune.methods.base import (
-    ParameterCount,
-    base_model_id,
-    count_parameters,
-    load_adapter_tensors,
-    read_adapter,
-    write_adapter,
-)
 from mmtune.models.architectures import (
     ArchitectureSpec,
     config_int,
     get_architecture,
     linear_features,
     resolve,
+)
+from mmtune.utils.adapter_file import (
+    ParameterCount,
+    base_model_id,
+    count_parameters,
+    load_adapter_tensors,
+    read_adapter,
+    write_adapter,
 )
 
 __all__ = ["MiTConfig", "MiTLayer", "MiTModel", "inject_mit", "paper_layers"]

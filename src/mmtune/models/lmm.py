@@ -30,7 +30,7 @@ from torch import nn
 
 from mmtune.encoders.images import ImageLike
 from mmtune.encoders.vision import VisionEncoder, load_vision_encoder
-from mmtune.methods.base import (
+from mmtune.utils.adapter_file import (
     load_adapter_tensors,
     read_adapter,
     write_adapter,
@@ -118,7 +118,15 @@ class VisualTokens(nn.Module):
                     f"found {len(lists)}"
                 )
             layers = lists[0]
-            self._blocks = list(layers)
+            # only the blocks up to the feature layer feed the visual tokens: hidden_states[f]
+            # is the output of block f - 1 (hidden_states[0] is the embeddings)
+            used = feature_layer if feature_layer >= 0 else depth + 1 + feature_layer
+            if not 1 <= used <= depth:
+                raise ValueError(
+                    f"LMMConfig.feature_layer: {feature_layer} selects no encoder layer of "
+                    f"{type(inner).__name__}'s {depth}"
+                )
+            self._blocks = list(layers)[:used]
             self.grid = encoder.grid
         with torch.no_grad():
             s = self.preprocess.size
@@ -150,6 +158,8 @@ class VisualTokens(nn.Module):
 
     @property
     def blocks(self) -> list[nn.Module]:
+        """The blocks whose outputs reach the visual tokens (a ViT's up to the feature layer;
+        an edit on a later block would change nothing)."""
         return self._blocks
 
     def edit_block_output(self, output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -169,8 +179,18 @@ class VisualTokens(nn.Module):
         if self.kind == "cnn":
             last = self.encoder.net.forward_levels(pixel_values)[-1]  # (B, 1280, 7, 7)
             return last.flatten(2).transpose(1, 2)  # (B, 49, 1280), row-major grid
-        out = self.encoder.model(pixel_values=pixel_values, output_hidden_states=True)
-        hidden = out.hidden_states[self.feature_layer]  # (B, prefix + g*g, C)
+        # The feature layer's output, read by a hook registered now, so after any edit hook on
+        # that block (MRT's): transformers may record ``hidden_states`` with hooks of its own
+        # that run first and would see the block's output before the edit.
+        captured: list[torch.Tensor] = []
+        handle = self._blocks[-1].register_forward_hook(
+            lambda _m, _inp, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        try:
+            self.encoder.model(pixel_values=pixel_values)
+        finally:
+            handle.remove()
+        hidden = captured[-1]  # (B, prefix + g*g, C) = hidden_states[feature_layer]
         return hidden[:, hidden.shape[1] - self.grid * self.grid :]
 
 

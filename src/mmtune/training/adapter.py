@@ -27,17 +27,17 @@ import torch
 from torch import nn
 
 from mmtune._version import __version__
-from mmtune.methods.base import (
+from mmtune.methods.concat import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, load_peft_format
+from mmtune.methods.concat import save_peft_format as _save_peft
+from mmtune.methods.mit import MiTModel
+from mmtune.models.llm import EMBEDDED_LLMS
+from mmtune.utils.adapter_file import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     load_adapter_tensors,
     read_adapter,
     write_adapter,
 )
-from mmtune.methods.concat import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, load_peft_format
-from mmtune.methods.concat import save_peft_format as _save_peft
-from mmtune.methods.mit import MiTModel
-from mmtune.models.llm import EMBEDDED_LLMS
 from mmtune.utils.io import (
     atomic_write,
     copy_tensors_into,
@@ -305,7 +305,7 @@ def model_card(
         "```",
         "",
         "```python",
-        "from mmtune.evaluate import load_run",
+        "from mmtune.recipes.evaluate import load_run",
         "config, spec, model = load_run('path/to/adapter')   # the whole task model",
         "```",
     ]

@@ -16,6 +16,7 @@ takes the newest one that does (:func:`newest_intact`).
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import warnings
@@ -24,23 +25,31 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from mmtune._version import __version__
+from mmtune.training.final import load_trainable, trainable_tensors
+from mmtune.utils.cache import content_hash
 from mmtune.utils.io import (
     IntegrityError,
+    atomic_write,
     load_tensors,
     read_json,
     save_tensors,
     verify_manifest,
     write_json,
+    write_manifest,
 )
 
 __all__ = [
     "checkpoint_dirs",
+    "load_checkpoint",
     "load_state",
     "newest_intact",
     "pack",
     "rng_state",
     "rotate",
+    "save_checkpoint",
     "save_state",
     "set_rng_state",
     "unpack",
@@ -216,3 +225,75 @@ def rotate(out: Path, keep: int) -> list[Path]:
     for stale in (out / "checkpoints").glob(".epoch-*.tmp"):  # a killed save's leftovers
         shutil.rmtree(stale, ignore_errors=True)
     return removed
+
+
+def save_checkpoint(
+    accelerator: Any,
+    module: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    epoch: int,
+    history: dict,
+    out: Path,
+    config: dict[str, Any],
+    keep: int,
+) -> None:
+    """``out/checkpoints/epoch-NNN``: the trainable tensors, optimiser, schedule, history,
+    ``config`` and every rank's RNG, under a manifest; built as a temporary directory and
+    renamed into place, then all but the ``keep`` newest intact ones removed. Every rank must
+    hold the same trainable weights (their digests are compared)."""
+    final = out / "checkpoints" / f"epoch-{epoch:03d}"
+    tmp = out / "checkpoints" / f".epoch-{epoch:03d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    save_state(tmp, f"rng-rank{rank}", rng_state())
+    trainable = trainable_tensors(module)
+    digest = content_hash(trainable.values())  # every rank must hold the same weights
+    with atomic_write(tmp / f"trainable-sha256-rank{rank}.txt") as part:  # ENOSPC names it
+        part.write_text(digest + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        digests = {(tmp / f"trainable-sha256-rank{r}.txt").read_text() for r in range(world)}
+        if len(digests) != 1:
+            raise RuntimeError(
+                f"{tmp}: the {world} processes hold different trainable weights after epoch "
+                f"{epoch}; refusing to save a checkpoint that no rank could resume exactly"
+            )
+        save_tensors(tmp / "trainable.safetensors", trainable)
+        save_state(
+            tmp,
+            "state",
+            {
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "world_size": world,
+                "config": config,
+            },
+        )
+        files = [p.name for p in tmp.iterdir() if p.is_file()]
+        write_manifest(tmp, files, format=FORMAT, epoch=epoch, mmtune_version=__version__)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a checkpoint appears complete or not at all
+        rotate(out, keep)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(
+    path: Path, accelerator: Any, module: nn.Module, optimizer: Any, scheduler: Any
+) -> tuple[int, dict]:
+    state = load_state(path, "state")
+    if state["world_size"] != accelerator.num_processes:
+        raise ValueError(
+            f"{path}: saved with {state['world_size']} processes, resumed with "
+            f"{accelerator.num_processes}"
+        )
+    load_trainable(module, path / "trainable.safetensors")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(load_state(path, f"rng-rank{accelerator.process_index}"))
+    return state["epoch"], state["history"]

@@ -1,0 +1,887 @@
+"""Stage-1 projector training, instruction tuning (MRT and baselines) and the VQA table.
+
+- :func:`stage1`: the LLaVA-style model's projector alone learns to caption the train images of
+  the VQA mini-benchmarks (next-token loss on the caption); everything else stays frozen.
+- :func:`tune`: instruction tuning on one VQA mini-benchmark with next-token loss on the answer.
+  ``method``: ``mrt`` (representation edits), ``projector`` (the projector alone, continued from
+  stage 1), ``lora`` (PEFT LoRA on the LLM) or ``zero-shot`` (the stage-1 model, no tuning).
+  Test exact match is scored on greedy generations.
+- :func:`vqa_table`: every method x benchmark x seed, resumable, written to
+  ``benchmarks/results/vqa``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmtune._version import __version__
+from mmtune.data.vqa import VQA_BENCHMARKS, exact_match
+from mmtune.methods.concat import (
+    PeftAdapterConfig,
+    inject_peft,
+    load_peft_format,
+    save_peft_format,
+)
+from mmtune.methods.mrt import MRTConfig, MRTControl, MRTModel, load_mrt, mrt_trainable
+from mmtune.models.lmm import LlavaStyleModel, LMMConfig, build_lmm, load_lmm
+from mmtune.reporting.tables import format_mean_std, mean_std
+from mmtune.training import checkpoint as ckpt
+from mmtune.training import loop
+from mmtune.training.adapter import front_matter, hub_id
+from mmtune.training.loop import FitSettings
+from mmtune.training.rundir import config_differences
+from mmtune.utils.adapter_file import atomic_write, count_parameters
+from mmtune.utils.io import read_json
+from mmtune.utils.progress import Progress, tracked
+
+__all__ = [
+    "Stage1Config",
+    "TableConfig",
+    "TuneConfig",
+    "answer",
+    "predict",
+    "stage1",
+    "tune",
+    "vqa_table",
+]
+
+Method = Literal["mrt", "projector", "lora", "zero-shot"]
+METHODS: tuple[str, ...] = ("zero-shot", "projector", "lora", "mrt")
+DEFAULT_LR = {"mrt": 1e-2, "projector": 1e-3, "lora": 2e-3, "zero-shot": 0.0}
+CAPTION_PROMPT = "<image>\nDescribe the image."
+
+
+def _prompt(item: dict[str, Any]) -> str:
+    return f"<image>\n{item['question']}"
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: train only the projector on captions of the benchmarks' train images."""
+
+    lmm: LMMConfig = field(default_factory=LMMConfig)
+    """The LLaVA-style model (LLM, vision encoder, projector kind, system prompt)."""
+    benchmarks: list[str] = field(default_factory=lambda: ["digits", "shapes"])
+    """VQA mini-benchmarks whose train images are captioned."""
+    num_samples: int = 400
+    """Items per benchmark (train / val / test = 60 / 15 / 25 %)."""
+    epochs: int = 1
+    """Passes over the captions."""
+    batch_size: int = 8
+    """Samples per step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    grad_clip: float = 0.0
+    """Max global gradient norm (0: off)."""
+    seed: int = 0
+    """Initialisation and order."""
+    resume: bool = False
+    """Continue from the newest intact checkpoint in output_dir (same settings but epochs)."""
+    output_dir: Path = Path("runs/lmm/stage1")
+    """Where the projector (an ``lmm-projector`` directory) and results.json go."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check_benchmarks(self.benchmarks, "Stage1Config.benchmarks")
+        for name in ("num_samples", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Stage1Config.{name} must be >= 1")
+        self.output_dir = Path(self.output_dir)
+
+
+@dataclass
+class TuneConfig:
+    """Instruction tuning of a stage-1 model on one VQA mini-benchmark."""
+
+    benchmark: str = "digits"
+    """``digits`` ("Which digit is shown?") or ``shapes`` ("What colour is the square?")."""
+    method: Method = "mrt"
+    """``mrt``, ``projector``, ``lora`` or ``zero-shot``."""
+    base: Path = Path("runs/lmm/stage1")
+    """Stage-1 directory (the frozen base model)."""
+    mrt: MRTConfig = field(default_factory=MRTConfig)
+    """MRT edits (method ``mrt``)."""
+    peft: PeftAdapterConfig = field(default_factory=PeftAdapterConfig)
+    """LoRA (method ``lora``)."""
+    num_samples: int = 400
+    """Items of the benchmark (train / val / test = 60 / 15 / 25 %)."""
+    epochs: int = 2
+    """Passes over the train split."""
+    batch_size: int = 8
+    """Samples per step."""
+    lr: float | None = None
+    """AdamW learning rate (None: the method's default, see ``DEFAULT_LR``)."""
+    decay_every: int | None = None
+    """Multiply the learning rate by decay_gamma every this many epochs (null: constant)."""
+    decay_gamma: float = 0.1
+    """Step-decay factor."""
+    grad_clip: float = 0.0
+    """Max global gradient norm (0: off)."""
+    seed: int = 0
+    """Initialisation and order (the splits are fixed)."""
+    checkpoint: bool = True
+    """Save an epoch checkpoint in ``output_dir/checkpoints`` (what ``resume`` continues)."""
+    resume: bool = False
+    """Continue from the newest intact checkpoint in output_dir (same settings but epochs)."""
+    max_new_tokens: int = 6
+    """Greedy tokens generated per answer."""
+    eval_batch_size: int = 16
+    """Samples per generation batch."""
+    output_dir: Path = Path("runs/lmm/tune")
+    """results.json and the adapter go here."""
+    save_adapter: bool = True
+    """Write the trained tensors (``adapter/``)."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check_benchmarks([self.benchmark], "TuneConfig.benchmark")
+        if self.method not in METHODS:
+            raise ValueError(f"TuneConfig.method must be one of {METHODS}, got {self.method!r}")
+        for name in ("num_samples", "epochs", "batch_size", "max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TuneConfig.{name} must be >= 1")
+        self.base, self.output_dir = Path(self.base), Path(self.output_dir)
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.method] if self.lr is None else self.lr
+
+
+def _check_benchmarks(names: list[str], where: str) -> None:
+    bad = [n for n in names if n not in VQA_BENCHMARKS]
+    if bad or not names:
+        raise ValueError(f"{where}: {bad or names} not among {sorted(VQA_BENCHMARKS)}")
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def _pixels(model: LlavaStyleModel, items: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """Each item's preprocessed image (1, 3, S, S), computed once."""
+    return [model.tower.preprocess([it["image"]]) for it in items]
+
+
+def _batches(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+class _LossOf(nn.Module):
+    """``forward(batch)`` is the wrapped model's next-token loss, so that accelerate's
+    (DDP) wrapper sees the loss computation as the forward it synchronises."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.model.loss(batch)
+
+
+RESUMABLE_LMM = {"epochs", "resume", "threads", "output_dir"}
+"""TuneConfig / Stage1Config fields a resumed run may change."""
+
+
+def _check_resume(out: Path, config: dict[str, Any]) -> None:
+    """Resuming with other settings than the checkpoint's is one error naming them."""
+    last = ckpt.newest_intact(out)
+    if last is None:
+        return
+    saved = ckpt.load_state(last, "state").get("config", {})
+    diff = [d for d in config_differences(saved, config) if d.split(":")[0] not in RESUMABLE_LMM]
+    if diff:
+        raise ValueError(f"{out}: cannot resume with other settings: {'; '.join(diff)}")
+
+
+def fit(
+    model: LlavaStyleModel | MRTModel,
+    items: list[dict[str, Any]],
+    pixels: list[torch.Tensor],
+    *,
+    prompt: Callable[[dict[str, Any]], str],
+    target: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    decay_every: int | None = None,
+    decay_gamma: float = 0.1,
+    grad_clip: float = 0.0,
+    out: Path | None = None,
+    config: dict[str, Any] | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, int, float], None] | None = None,
+    stage: str = "epoch",
+) -> dict[str, Any]:
+    """AdamW (no weight decay) on the trainable tensors with next-token loss on
+    ``item[target]``, through the shared loop (:func:`mmtune.training.loop.fit`: accelerate,
+    DDP, schedule, clipping, epoch checkpoints in ``out``, ``resume``)."""
+    from accelerate import Accelerator
+
+    base = model.base if isinstance(model, MRTModel) else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if out is not None and not resume and accelerator.is_main_process:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # an older run's epochs
+    if out is not None and resume:
+        _check_resume(out, config or {})
+    accelerator.wait_for_everyone()
+    settings = FitSettings(
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        optimizer="adamw",
+        decay_every=decay_every,
+        decay_gamma=decay_gamma,
+        grad_clip=grad_clip,
+        keep_checkpoints=1,
+    )
+    steps = epochs * (len(items) // (batch_size * accelerator.num_processes))
+    done = [0]
+
+    def progress(_stage: str, step: int, _total: int, info: Any) -> None:
+        if step and on_step is not None:
+            done[0] += 1
+            on_step(done[0], steps, float(info["loss"]))
+
+    def make_batch(idx: list[int]) -> Any:
+        return base.batch(
+            [prompt(items[i]) for i in idx],
+            [None] * len(idx),
+            answers=[items[i][target] for i in idx],
+            pixel_values=[pixels[i] for i in idx],
+        ).to(accelerator.device)
+
+    fitted = loop.fit(
+        _LossOf(model),
+        accelerator=accelerator,
+        num_samples=len(items),
+        make_batch=make_batch,
+        param_groups=[{"params": params, "lr": lr}],
+        settings=settings,
+        out=out,
+        config=config,
+        resume=resume,
+        progress=progress if accelerator.is_main_process else None,
+        stage=stage,
+    )
+    if on_step is not None and fitted.first_epoch > 1:  # steps done before the resume
+        done[0] += (fitted.first_epoch - 1) * fitted.steps_per_epoch
+    model.eval()
+    losses = fitted.history["step_loss"]
+    return {
+        "losses": losses,
+        "train_seconds": fitted.train_seconds,
+        "steps": len(losses),
+        "processes": accelerator.num_processes,
+        "main": accelerator.is_main_process,
+        "accelerator": accelerator,
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: LlavaStyleModel | MRTModel,
+    prompts: list[str],
+    pixels: list[torch.Tensor],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 6,
+    progress: Progress | None = None,
+    stage: str = "answer",
+) -> list[str]:
+    """Greedy answers, batch by batch (left-padded; equal to one-by-one generation);
+    ``progress`` hears ``stage`` once per batch (:mod:`mmtune.utils.progress`)."""
+    base = model.base if isinstance(model, MRTModel) else model
+    model.eval()
+    out: list[str] = []
+    batches = _batches(len(prompts), batch_size)
+    for idx in tracked(batches, progress, stage, len(batches)):
+        batch = base.batch(
+            [prompts[i] for i in idx], [None] * len(idx), pixel_values=[pixels[i] for i in idx]
+        ).to(base.device)
+        tokens, _ = model.generate(batch, max_new_tokens)
+        out += base.decode(tokens)
+    return out
+
+
+def answer(
+    model: LlavaStyleModel | MRTModel,
+    prompt: str,
+    images: list[Any],
+    *,
+    control: MRTControl | None = None,
+    max_new_tokens: int = 16,
+) -> str:
+    """One prompt with its images -> the generated text (MRT: under ``control``)."""
+    base = model.base if isinstance(model, MRTModel) else model
+    if isinstance(model, MRTModel):
+        model.set_control(control)
+    elif control is not None:
+        raise ValueError("control applies to MRT models only (load one with --adapter)")
+    batch = base.batch([prompt], [images]).to(base.device)
+    with torch.no_grad():
+        tokens, _ = model.generate(batch, max_new_tokens)
+    return base.decode(tokens)[0]
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        torch.set_num_threads(n)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def stage1(
+    cfg: Stage1Config, progress: Callable[[int, int, float], None] | None = None
+) -> dict[str, Any]:
+    """Train the projector on captions; writes ``cfg.output_dir`` (loadable by ``load_lmm``)."""
+    _threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_lmm(cfg.lmm)
+    items = []
+    for name in cfg.benchmarks:
+        items += VQA_BENCHMARKS[name](num_samples=cfg.num_samples)["train"]
+    model.projector.requires_grad_(True)
+    pixels = _pixels(model, items)
+    log = fit(
+        model,
+        items,
+        pixels,
+        prompt=lambda _it: CAPTION_PROMPT,
+        target="caption",
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        grad_clip=cfg.grad_clip,
+        out=cfg.output_dir,
+        config=_jsonable(asdict(cfg)),
+        resume=cfg.resume,
+        on_step=progress,
+        stage="stage 1 epoch",
+    )
+    model.projector.requires_grad_(False)
+    if not log["main"]:
+        log["accelerator"].wait_for_everyone()
+        return {}
+    model.save_projector(cfg.output_dir)
+    results = {
+        "stage": 1,
+        "config": _jsonable(asdict(cfg)),
+        "captions": len(items),
+        "params": _params(model),
+        "train_seconds": log["train_seconds"],
+        "processes": log["processes"],
+        "loss_first": log["losses"][0],
+        "loss_last_10": float(np.mean(log["losses"][-10:])),
+        "losses": log["losses"],
+    }
+    _write_json(cfg.output_dir / "results.json", results)
+    log["accelerator"].wait_for_everyone()
+    return results
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _params(model: torch.nn.Module) -> dict[str, Any]:
+    c = count_parameters(model)
+    return {"trainable": c.trainable, "total": c.total, "share": c.share}
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def _tunable(cfg: TuneConfig, base: LlavaStyleModel) -> LlavaStyleModel | MRTModel:
+    if cfg.method == "mrt":
+        return MRTModel(base, cfg.mrt)
+    if cfg.method == "projector":
+        base.projector.requires_grad_(True)
+    elif cfg.method == "lora":
+        inject_peft(base.llm, "lora", cfg.peft)
+    return base
+
+
+LMM_RUN_FILE = "mmtune_lmm.json"
+
+
+def _save(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str, Any]) -> None:
+    """``adapter/``: MRT's edits or the projector in mmtune's adapter format, LoRA in PEFT's own
+    format (with ``mmtune_lmm.json`` naming the stage-1 base), and a model card."""
+    out = cfg.output_dir / "adapter"
+    if isinstance(model, MRTModel):
+        model.save_adapter(out, base_dir=cfg.base)
+    elif cfg.method == "projector":
+        model.save_projector(out)
+    elif cfg.method == "lora":
+        save_peft_format(model.llm, out, hub_id(model.config.llm))
+        _write_json(
+            out / LMM_RUN_FILE,
+            {"method": "lora", "base_dir": str(cfg.base.resolve()), "peft": asdict(cfg.peft)},
+        )
+    with atomic_write(out / "README.md") as tmp:
+        tmp.write_text(_lmm_card(cfg, model, results))
+
+
+def _lmm_card(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str, Any]) -> str:
+    base = model.base if isinstance(model, MRTModel) else model
+    head = {
+        "library_name": "mmtune" if cfg.method != "lora" else "peft",
+        "base_model": hub_id(base.config.llm),
+        "tags": ["mmtune", f"lmm-{cfg.method}", "visual-question-answering", "llava-style"],
+        "datasets": [f"vqa-{cfg.benchmark} (mmtune mini-benchmark)"],
+        "pipeline_tag": "image-text-to-text",
+    }
+    load = {
+        "mrt": "from mmtune import load_mrt\nmodel = load_mrt('path/to/adapter')",
+        "projector": "from mmtune import load_lmm\nmodel = load_lmm('path/to/adapter')",
+        "lora": "from mmtune.recipes.instruct import load_tuned\n"
+        "model = load_tuned('path/to/adapter')\n"
+        "# or the LLM's adapters alone, with PEFT:\nfrom peft import PeftModel\n"
+        "llm = PeftModel.from_pretrained(load_lmm(BASE).llm, 'path/to/adapter')",
+    }[cfg.method]
+    lines = [
+        front_matter(head),
+        f"# {cfg.method} on VQA {cfg.benchmark}: a LLaVA-style {base.config.llm} + "
+        f"{base.config.vision}",
+        "",
+        f"Tuned with mmtune {__version__} on the stage-1 base `{cfg.base}` (projector "
+        f"{base.config.projector}); frozen models not included.",
+        "",
+        f"- **Training:** {cfg.epochs} epochs over {results['steps']} steps, lr "
+        f"{cfg.learning_rate}, batch {cfg.batch_size}, seed {cfg.seed}; "
+        f"{results['params']['trainable']:,} trained tensors' values.",
+        f"- **Metric:** {results['metric']}.",
+        "",
+        "| split | exact match | samples |",
+        "|---|---|---|",
+        *[
+            f"| {s} | {results[s]['exact_match']:.4f} | {results[s]['num_samples']} |"
+            for s in ("val", "test")
+        ],
+        "",
+        "## How to load",
+        "",
+        "```bash",
+        "mmtune lmm generate --adapter path/to/adapter --image picture.png "
+        "--prompt '<image> the question'",
+        "```",
+        "",
+        "```python",
+        load,
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def load_tuned(adapter: str | Path) -> LlavaStyleModel | MRTModel:
+    """The model a ``lmm tune`` run saved in ``adapter`` (MRT, projector or LoRA), ready to
+    generate; its stage-1 base is found from what the adapter records."""
+    adapter = Path(adapter)
+    if (adapter / LMM_RUN_FILE).is_file():
+        meta = read_json(adapter / LMM_RUN_FILE, "lmm adapter")
+        if not isinstance(meta, dict) or meta.get("method") != "lora" or "base_dir" not in meta:
+            raise ValueError(f"{adapter / LMM_RUN_FILE}: expected method 'lora' and base_dir")
+        base = load_lmm(meta["base_dir"])
+        try:
+            peft = PeftAdapterConfig(**meta.get("peft", {}))
+        except TypeError as e:
+            raise ValueError(f"{adapter / LMM_RUN_FILE}: field 'peft': {e}") from e
+        inject_peft(base.llm, "lora", peft)
+        load_peft_format(base.llm, adapter)
+        return base.eval()
+    meta = read_json(adapter / "adapter_config.json", "adapter config")
+    method = meta.get("method") if isinstance(meta, dict) else None
+    if method == "mrt":
+        return load_mrt(adapter)
+    if method == "lmm-projector":
+        return load_lmm(adapter).eval()
+    raise ValueError(
+        f"{adapter / 'adapter_config.json'}: field 'method' is {method!r}; expected an lmm tune "
+        "adapter (mrt, lmm-projector, or LoRA with mmtune_lmm.json)"
+    )
+
+
+def tune(
+    cfg: TuneConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+    answers: Progress | None = None,
+) -> dict[str, Any]:
+    """Instruction-tune (or, for ``zero-shot``, only evaluate) and write results.json.
+
+    ``progress(step, steps, loss)`` hears each training step; ``answers`` the val and test
+    answering, batch by batch (:mod:`mmtune.utils.progress`)."""
+    _threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    base = load_lmm(cfg.base)
+    model = _tunable(cfg, base)
+    data = VQA_BENCHMARKS[cfg.benchmark](num_samples=cfg.num_samples)
+    pixels = {k: _pixels(base, v) for k, v in data.items()}
+    log: dict[str, Any] = {"train_seconds": 0.0, "losses": [], "steps": 0, "processes": 1}
+    log["main"], log["accelerator"] = True, None
+    if cfg.method != "zero-shot":
+        log = fit(
+            model,
+            data["train"],
+            pixels["train"],
+            prompt=_prompt,
+            target="answer",
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.learning_rate,
+            seed=cfg.seed,
+            decay_every=cfg.decay_every,
+            decay_gamma=cfg.decay_gamma,
+            grad_clip=cfg.grad_clip,
+            out=cfg.output_dir if cfg.checkpoint or cfg.resume else None,
+            config=_jsonable(asdict(cfg)),
+            resume=cfg.resume,
+            on_step=progress,
+            stage=f"{cfg.method} epoch",
+        )
+    if not log["main"]:  # the main process scores and writes; the others are done
+        log["accelerator"].wait_for_everyone()
+        return {}
+    scores, examples = {}, []
+    for split in ("val", "test"):
+        items = data[split]
+        start = time.perf_counter()
+        preds = predict(
+            model,
+            [_prompt(it) for it in items],
+            pixels[split],
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            progress=answers,
+            stage=f"answer {split}",
+        )
+        scores[split] = {
+            "exact_match": exact_match(preds, [it["answer"] for it in items]),
+            "num_samples": len(items),
+            "seconds": time.perf_counter() - start,
+        }
+        if split == "test":
+            examples = [
+                {"id": it["id"], "answer": it["answer"], "prediction": p}
+                for it, p in zip(items[:8], preds[:8], strict=True)
+            ]
+    results = {
+        "benchmark": cfg.benchmark,
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "lr": cfg.learning_rate if cfg.method != "zero-shot" else None,
+        "config": _jsonable(asdict(cfg)),
+        "params": _params(model),
+        "train_seconds": log["train_seconds"],
+        "steps": log["steps"],
+        "processes": log["processes"],
+        "losses": log["losses"],
+        "val": scores["val"],
+        "test": scores["test"],
+        "examples": examples,
+        "metric": "exact match after lower-casing, removing punctuation, collapsing spaces",
+    }
+    if cfg.save_adapter and cfg.method != "zero-shot":
+        _save(cfg, model, results)
+    _write_json(cfg.output_dir / "results.json", results)
+    if log["accelerator"] is not None:
+        log["accelerator"].wait_for_everyone()
+    return results
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass
+class TableConfig:
+    """The VQA table: methods x benchmarks x seeds on one stage-1 base."""
+
+    base: Path = Path("runs/lmm/stage1")
+    """Stage-1 directory (built with ``stage1`` settings below when missing)."""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    """How the base is built when ``base`` does not exist yet."""
+    benchmarks: list[str] = field(default_factory=lambda: ["digits", "shapes"])
+    """VQA mini-benchmarks."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Methods (zero-shot is evaluated once: it has no seed)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds of the tuned methods."""
+    epochs: int = 2
+    """Passes over each train split (every method)."""
+    num_samples: int = 400
+    """Items per benchmark."""
+    batch_size: int = 8
+    """Samples per step (every method)."""
+    mrt: MRTConfig = field(default_factory=MRTConfig)
+    """MRT edits."""
+    output_dir: Path = Path("benchmarks/results/vqa")
+    """runs/<benchmark>/<method>/seed<S>/results.json, vqa.json, vqa.md."""
+    threads: int | None = None
+    """torch CPU threads."""
+    save_adapters: bool = False
+    """Also keep each run's trained tensors (``runs/.../adapter``)."""
+
+    def __post_init__(self) -> None:
+        _check_benchmarks(self.benchmarks, "TableConfig.benchmarks")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"TableConfig.methods: {bad} not among {METHODS}")
+        self.base, self.output_dir = Path(self.base), Path(self.output_dir)
+
+
+def vqa_table(cfg: TableConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every missing cell (finished ones are reused), then write vqa.json / vqa.md."""
+    log = log or (lambda _line: None)
+    if not (cfg.base / "adapter_config.json").is_file():
+        log(f"stage 1 -> {cfg.base}")
+        stage1(Stage1Config(**{**vars(cfg.stage1), "output_dir": cfg.base}))
+    for bench in cfg.benchmarks:
+        for method in cfg.methods:
+            for seed in [0] if method == "zero-shot" else cfg.seeds:
+                out = cfg.output_dir / "runs" / bench / method / f"seed{seed}"
+                if (out / "results.json").is_file():
+                    continue
+                lock = _claim(out)
+                if lock is None:  # another `lmm table` process is running this cell
+                    log(f"skip  {bench} / {method} / seed {seed}: {out / '.running'} exists")
+                    continue
+                log(f"start {bench} / {method} / seed {seed}")
+                try:
+                    r = tune(
+                        TuneConfig(
+                            benchmark=bench,
+                            method=method,  # type: ignore[arg-type]
+                            base=cfg.base,
+                            mrt=cfg.mrt,
+                            num_samples=cfg.num_samples,
+                            epochs=cfg.epochs,
+                            batch_size=cfg.batch_size,
+                            seed=seed,
+                            output_dir=out,
+                            save_adapter=cfg.save_adapters,
+                            checkpoint=False,
+                            threads=cfg.threads,
+                        )
+                    )
+                finally:
+                    lock.unlink(missing_ok=True)
+                log(
+                    f"done  {bench} / {method} / seed {seed}: test exact match "
+                    f"{r['test']['exact_match']:.3f} ({r['train_seconds']:.0f} s)"
+                )
+    return table_report(cfg.output_dir)
+
+
+def _claim(out: Path) -> Path | None:
+    """Create ``out/.running`` exclusively; None when another process holds it.
+
+    Lets several ``lmm table`` processes share one grid. A process killed mid-cell leaves the
+    file behind: delete it to run that cell again.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".running"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
+    return lock
+
+
+def table_report(root: Path | str) -> dict[str, Any]:
+    """Aggregate runs/*/*/seed*/results.json into vqa.json and vqa.md (mean ± std over seeds)."""
+    root = Path(root)
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted(root.glob("runs/*/*/seed*/results.json")):
+        r = json.loads(path.read_text())
+        rows.setdefault((r["benchmark"], r["method"]), []).append(r)
+    if not rows:
+        raise FileNotFoundError(f"{root}/runs: no results.json yet")
+    table = []
+    for (bench, method), rs in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))
+    ):
+        table.append(
+            {
+                "benchmark": bench,
+                "method": method,
+                "seeds": [r["seed"] for r in rs],
+                "test_exact_match": mean_std([r["test"]["exact_match"] for r in rs]),
+                "val_exact_match": mean_std([r["val"]["exact_match"] for r in rs]),
+                "train_seconds": mean_std([r["train_seconds"] for r in rs]),
+                "trainable": rs[0]["params"]["trainable"],
+                "total": rs[0]["params"]["total"],
+                "share": rs[0]["params"]["share"],
+                "lr": rs[0]["lr"],
+            }
+        )
+    _write_json(root / "vqa.json", {"rows": table, "metric": "test exact match"})
+    lines = [
+        "| benchmark | method | test exact match | trainable params | share | train s | seeds |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for row in table:
+        em = row["test_exact_match"]
+        lines.append(
+            f"| {row['benchmark']} | {row['method']} | {format_mean_std(em)} | "
+            f"{row['trainable']:,} | {100 * row['share']:.4f}% | "
+            f"{row['train_seconds']['mean']:.0f} | {len(row['seeds'])} |"
+        )
+    with atomic_write(root / "vqa.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return {"rows": table}
+
+
+def load_for_generation(adapter: Path | None, base: Path | None) -> LlavaStyleModel | MRTModel:
+    """A ``lmm tune`` adapter directory (:func:`load_tuned`) or a stage-1 directory."""
+    if adapter is not None:
+        return load_tuned(adapter)
+    if base is None:
+        raise ValueError(
+            "give --adapter (an MRT adapter directory) or --base (a stage-1 directory)"
+        )
+    return load_lmm(base).eval()
+
+
+VISION_SHAPES: dict[str, dict[str, Any]] = {
+    # CLIP ViT-L/14-336: LLaVA-1.5's tower (24 layers, width 1024, 577 tokens)
+    "clip-vit-l-14-336": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+    },
+}
+
+_MOBILENET_WIDTHS = [
+    32,
+    16,
+    24,
+    24,
+    32,
+    32,
+    32,
+    64,
+    64,
+    64,
+    64,
+    96,
+    96,
+    96,
+    160,
+    160,
+    160,
+    320,
+    1280,
+]
+
+
+def mrt_share(
+    llm: str,
+    vision: str,
+    mrt: MRTConfig,
+    vision_shapes: dict[str, dict[str, Any]] | None = None,
+    projector: str = "mlp",
+) -> dict[str, Any]:
+    """MRT's tunable parameters and share on a LLaVA-style shape, built on the meta device."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mmtune.encoders.mobilenet import MobileNetV2
+    from mmtune.models.shapes import meta_model, shape_config
+
+    vision_shapes = VISION_SHAPES if vision_shapes is None else vision_shapes
+    lm = meta_model(shape_config(llm))
+    d_model, depth = lm.config.hidden_size, lm.config.num_hidden_layers
+    if vision == "mobilenet-v2":
+        with torch.device("meta"):
+            tower = MobileNetV2()
+        widths, c_tokens = _MOBILENET_WIDTHS, 1280
+    elif vision in vision_shapes:
+        with torch.device("meta"):
+            tower = CLIPVisionModel(CLIPVisionConfig(**vision_shapes[vision]))
+        c_tokens = vision_shapes[vision]["hidden_size"]
+        widths = [c_tokens] * vision_shapes[vision]["num_hidden_layers"]
+    else:
+        raise ValueError(
+            f"vision shape {vision!r}: use mobilenet-v2 or one of {sorted(vision_shapes)}"
+        )
+    n_proj = c_tokens * d_model + d_model
+    if projector == "mlp":
+        n_proj += d_model * d_model + d_model
+    edits = mrt_trainable(mrt, d_model=d_model, num_llm_layers=depth, vision_widths=widths)
+    n_llm, n_vision = count_parameters(lm).total, count_parameters(tower).total
+    total = n_llm + n_vision + n_proj + edits["total"]
+    return {
+        "llm": llm,
+        "vision": vision,
+        "params": {"llm": n_llm, "vision": n_vision, "projector": n_proj, "all": total},
+        "mrt_edits": edits,
+        "share_of_all": edits["total"] / total,
+        "share_of_llm": edits["total"] / n_llm,
+    }
+
+
+def evaluate_adapter(
+    adapter: Path | str,
+    benchmark: str,
+    *,
+    control: MRTControl | None = None,
+    num_samples: int = 400,
+    split: str = "test",
+    batch_size: int = 16,
+    max_new_tokens: int = 6,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Exact match of an MRT adapter on a VQA split under ``control`` (no training);
+    ``progress`` hears the answering, batch by batch."""
+    _check_benchmarks([benchmark], "benchmark")
+    data = VQA_BENCHMARKS[benchmark](num_samples=num_samples)
+    if split not in data:
+        raise ValueError(f"split {split!r}: use one of {sorted(data)}")
+    model = load_tuned(adapter)
+    if isinstance(model, MRTModel):
+        model.set_control(control)
+    elif control is not None and control != MRTControl():
+        raise ValueError(f"{adapter}: control applies to MRT adapters only")
+    items = data[split]
+    preds = predict(
+        model,
+        [_prompt(it) for it in items],
+        _pixels(model.base if isinstance(model, MRTModel) else model, items),
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        stage=f"answer {split}",
+    )
+    return {
+        "adapter": str(adapter),
+        "benchmark": benchmark,
+        "split": split,
+        "num_samples": len(items),
+        "control": asdict(model.control) if isinstance(model, MRTModel) else None,
+        "exact_match": exact_match(preds, [it["answer"] for it in items]),
+        "predictions": preds,
+    }

@@ -1,0 +1,1 @@
+"""Reporting: tables (one mean and spread rule) and pictures of a run's results."""

@@ -1,0 +1,99 @@
+"""Pictures written next to results.json: training curves, mask grids, prediction scatter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmtune.utils.io import atomic_write
+
+__all__ = ["mask_picture", "scatter_picture", "write_pictures"]
+
+
+def _save(fig: Any, path: Path) -> str:
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return str(path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_pictures(out: Path, task: Any, history: dict, test: dict, split: Any) -> dict[str, str]:
+    """Write the run's pictures: the curves (training loss, the validation headline), then the
+    task's own (``task.pictures``: masks, a scatter); returns {name: path}.
+
+    ``task`` is the run's :class:`mmtune.tasks.Task`; ``split`` the test split as loaded."""
+    plt = _pyplot()
+    pictures: dict[str, str] = {}
+    headline = task.headline
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(history["step_loss"], lw=0.8)
+    a.set(title="training loss", xlabel="step")
+    epochs = [e["epoch"] for e in history["epochs"]]
+    b.plot(epochs, [e["val"][headline] for e in history["epochs"]], marker="o")
+    b.set(title=f"validation {headline}", xlabel="epoch")
+    pictures["curves"] = _save(fig, out / "curves.png")
+    plt.close(fig)
+    pictures.update(task.pictures(out, test["rows"], test, split))
+    return pictures
+
+
+def scatter_picture(path: Path, rows: list[dict], mae: float) -> str:
+    """Predicted against true sentiment scores of the test rows."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    truth = np.array([r["label"] for r in rows])
+    pred = np.array([r["pred"] for r in rows])
+    ax.scatter(truth, pred, s=6, alpha=0.5)
+    ax.plot([-3, 3], [-3, 3], "k--", lw=0.8)
+    ax.set(
+        xlabel="truth",
+        ylabel="prediction",
+        title=f"test: MAE {mae:.3f}",
+        xlim=(-3.2, 3.2),
+        ylim=(-3.2, 3.2),
+    )
+    drawn = _save(fig, path)
+    plt.close(fig)
+    return drawn
+
+
+def mask_picture(path: Path, rows: list[dict], split: Any) -> str:
+    """The first six test samples: true masks above, predicted masks below."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+
+    cyan = ListedColormap(["#00d5ff"])
+    n = min(6, len(rows))
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    for i in range(n):
+        item = split[i]
+        for row, mask in enumerate((item["mask"], rows[i]["mask"])):
+            ax = axes[row][i]
+            ax.imshow(item["image"])
+            m = np.asarray(mask, bool)
+            ax.imshow(np.ma.masked_where(~m, m), alpha=0.45, cmap=cyan, vmin=0, vmax=1)
+            if m.any():
+                ax.contour(m, levels=[0.5], colors="black", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            title = (
+                item["expression"]
+                if row == 0
+                else (f"IoU {rows[i]['intersection'] / max(rows[i]['union'], 1):.2f}")
+            )
+            ax.set_title(title, fontsize=7)
+        axes[0][0].set_ylabel("truth")
+        axes[1][0].set_ylabel("predicted")
+    drawn = _save(fig, path)
+    plt.close(fig)
+    return drawn

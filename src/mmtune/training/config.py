@@ -1,0 +1,170 @@
+"""The typed configuration of a training run (YAML, CLI and Python describe the same object).
+
+``mmtune train CONFIG.yaml`` reads a :class:`TrainConfig`; every field has a docstring, shown by
+``mmtune train --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mmtune.encoders.sequence import SequenceEncoderConfig
+from mmtune.heads import SegmentationDecoderConfig
+from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
+from mmtune.methods.mit import MiTConfig
+from mmtune.tasks.model import TaskConfig
+
+__all__ = [
+    "METHOD_NAMES",
+    "REPORT_TO",
+    "Method",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "load_train_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The frozen models and the trainable encoders' shapes."""
+
+    llm: str = "smollm2-135m"
+    """LLM: an embedded name, a directory or a hub id."""
+    vision: str = "mobilenet-v2"
+    """Vision encoder: a registered name, a directory or a hub id (image tasks)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the frozen LLM (the trainable parts stay fp32)."""
+    attn_implementation: str = "sdpa"
+    """Attention backend of the LLM: sdpa, eager, flash_attention_2."""
+    image_size: int | None = None
+    """Input side of a CNN vision encoder (default: its own, 224 for MobileNetV2); ViTs keep
+    their fixed size."""
+    sequence: SequenceEncoderConfig = field(default_factory=SequenceEncoderConfig)
+    """Sentiment: shape of each frame encoder (d_in is set from the data)."""
+    decoder: SegmentationDecoderConfig = field(default_factory=SegmentationDecoderConfig)
+    """Segmentation: shape of the decoder."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (defaults: the paper's sec. 3.3)."""
+
+    lr: float = 4e-5
+    """Adam learning rate of the infusion (and sequence encoders)."""
+    head_lr_scale: float = 0.1
+    """The head's learning rate is lr x this (the paper: decoder lr x 0.1)."""
+    epochs: int = 30
+    """Passes over the training split."""
+    decay_every: int | None = 10
+    """Multiply the learning rates by decay_gamma every this many epochs (null: no decay)."""
+    decay_gamma: float = 0.1
+    """Step-decay factor."""
+    batch_size: int = 8
+    """Samples per step on each process."""
+    eval_batch_size: int = 32
+    """Samples per forward in evaluation."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0: off)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("OptimConfig: epochs, batch_size and eval_batch_size must be >= 1")
+        if self.lr <= 0 or self.head_lr_scale <= 0:
+            raise ValueError("OptimConfig: lr and head_lr_scale must be > 0")
+        if self.decay_every is not None and self.decay_every < 1:
+            raise ValueError(
+                f"optim.decay_every must be >= 1, or null for no decay; got {self.decay_every}"
+            )
+        if not 0 < self.decay_gamma <= 1:
+            raise ValueError(f"optim.decay_gamma must be in (0, 1], got {self.decay_gamma}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0 (0: off), got {self.grad_clip}")
+
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+
+
+Method = Literal["mit", "text", "concat", "concat_lora", "concat_ia3"]
+
+
+METHOD_NAMES: tuple[str, ...] = ("mit", "text", "concat", "concat_lora", "concat_ia3")
+
+
+@dataclass
+class TrainConfig:
+    """One training run."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Data, prompt and task options."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Frozen models and trainable encoder shapes."""
+    method: Method = "mit"
+    """How the modality reaches the frozen LLM: ``mit`` (infusion); ``text`` (it does not:
+    text-only baseline); ``concat`` (projected tokens before the text, projector trained);
+    ``concat_lora`` / ``concat_ia3`` (the same plus LoRA / IA3 adapters in the LLM, via PEFT)."""
+    mit: MiTConfig = field(default_factory=MiTConfig)
+    """MiT (d_modality is set from the modality encoder when left empty)."""
+    concat: ConcatConfig = field(default_factory=ConcatConfig)
+    """Token concatenation (methods concat, concat_lora, concat_ia3)."""
+    peft: PeftAdapterConfig = field(default_factory=PeftAdapterConfig)
+    """LoRA / IA3 adapters (methods concat_lora, concat_ia3)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and schedule."""
+    output_dir: str = "runs/train"
+    """Where checkpoints, results.json, TensorBoard logs and pictures go."""
+    seed: int = 0
+    """Seed of initialisation, data order and dropout."""
+    resume: bool = False
+    """Continue the run in output_dir from its newest intact checkpoint; every setting except
+    optim.epochs must match the run's."""
+    overwrite: bool = False
+    """Replace the run already in output_dir (its results, weights and checkpoints are removed)."""
+    cache_lower_layers: bool = True
+    """Compute the hidden states below the first infused layer once (they do not depend on I)."""
+    feature_cache: bool = True
+    """Store frozen-encoder features in $MMTUNE_CACHE and reuse them across runs."""
+    keep_checkpoints: int = 2
+    """How many epoch checkpoints to keep (the newest intact ones; at least 1)."""
+    plots: bool = True
+    """Write PNG pictures (curves, masks or scatter)."""
+    report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
+    """Where the training loss and the val metrics are logged, through accelerate's trackers:
+    ``tensorboard`` (``output_dir/tensorboard``), ``wandb`` or ``mlflow`` (their packages
+    installed and set up by you), or ``none``."""
+
+    def __post_init__(self) -> None:
+        if self.report_to not in REPORT_TO:
+            raise ValueError(
+                f"TrainConfig.report_to must be one of {', '.join(REPORT_TO)}; got "
+                f"{self.report_to!r}"
+            )
+        if self.method not in METHOD_NAMES:
+            raise ValueError(
+                f"TrainConfig.method must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}"
+            )
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite: choose one")
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig a YAML file describes, exactly as ``mmtune train PATH`` reads it.
+
+    The file's keys are TrainConfig's fields (``task:``, ``optim:`` ...); jsonargparse checks
+    every key and type, so a misspelt field is a one-line error naming it. Nothing in the file
+    is executed (yaml safe loading)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TrainConfig)
+    try:
+        ns = parser.parse_path(str(path))
+    except argparse.ArgumentError as e:
+        raise ValueError(f"{path}: {e}") from None
+    init = parser.instantiate(ns)
+    return TrainConfig(**{k: v for k, v in vars(init).items() if k != "__path__"})

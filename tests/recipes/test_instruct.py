@@ -1,0 +1,173 @@
+"""Stage 1, instruction tuning of every method, the VQA table and the lmm CLI, end to end on tiny
+random models (the real code paths: models loaded from directories, adapters written to disk)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import yaml
+from tests.tiny_assets import tiny_llm_dir, tiny_vit_dir
+
+from mmtune.cli import main
+from mmtune.data.vqa import VQA_BENCHMARKS
+from mmtune.methods.mrt import MRTConfig, load_mrt
+from mmtune.models.lmm import LMMConfig, load_lmm
+from mmtune.recipes.instruct import (
+    METHODS,
+    Stage1Config,
+    TableConfig,
+    TuneConfig,
+    _pixels,
+    _prompt,
+    load_tuned,
+    predict,
+    stage1,
+    table_report,
+    tune,
+    vqa_table,
+)
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("instruct")
+    lmm = LMMConfig(
+        llm=str(tiny_llm_dir(root / "llm")), vision=str(tiny_vit_dir(root / "vit")),
+        system_prompt=None,
+    )  # fmt: skip
+    out = root / "stage1"
+    r = stage1(Stage1Config(lmm=lmm, num_samples=20, batch_size=8, lr=1e-2, output_dir=out))
+    assert r["captions"] == 24 and r["params"]["trainable"] == 0  # projector frozen again
+    assert len(r["losses"]) == 3
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
+    out = tmp_path / method
+    cfg = TuneConfig(
+        benchmark="digits", method=method, base=stage1_dir, num_samples=20, epochs=1,
+        batch_size=6, lr=1e-2, mrt=MRTConfig(llm_layers=[0, 2], first=2, last=2), output_dir=out,
+    )  # fmt: skip
+    waits = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = tune(cfg, answers=lambda stage, done, total, info: waits.append((stage, done, total)))
+    # e.g. transformers 5.2x: "`past_key_values` is deprecated ... Use `cache` instead"
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], seen
+    saved = json.loads((out / "results.json").read_text())
+    for split in ("val", "test"):  # the answering reports each batch
+        done = [d for s, d, _ in waits if s == f"answer {split}"]
+        assert done[0] == 0 and done[-1] == next(t for s, _, t in waits if s == f"answer {split}")
+    assert saved["test"]["num_samples"] == 5 and 0.0 <= saved["test"]["exact_match"] <= 1.0
+    assert saved["method"] == method and len(saved["examples"]) == 5
+    if method == "zero-shot":
+        assert r["params"]["trainable"] == 0 and r["steps"] == 0
+        assert not (out / "adapter").exists()
+    else:
+        assert r["steps"] == 2 and r["params"]["trainable"] > 0
+        weights = "adapter_model" if method == "lora" else "adapter"  # LoRA: PEFT's own format
+        assert (out / "adapter" / f"{weights}.safetensors").is_file()
+        card = (out / "adapter" / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert meta["base_model"] and f"lmm-{method}" in meta["tags"]
+        assert f"| test | {saved['test']['exact_match']:.4f} | 5 |" in card
+        # the saved adapter alone gives the same answers (greedy decoding)
+        items = VQA_BENCHMARKS["digits"](num_samples=20)["test"]
+        again = load_tuned(out / "adapter")
+        base = again.base if hasattr(again, "base") else again
+        preds = predict(
+            again,
+            [_prompt(it) for it in items],
+            _pixels(base, items),
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        assert preds[:5] == [e["prediction"] for e in saved["examples"]]
+    if method == "lora":  # and PEFT loads the LLM's part itself
+        from peft import PeftModel
+
+        llm = PeftModel.from_pretrained(load_lmm(stage1_dir).llm, out / "adapter")
+        ids = again.tokenizer(["Which digit is shown?"], return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(llm(**ids).logits, again.llm(**ids).logits)
+    if method == "mrt":
+        assert r["params"]["share"] < 0.2
+        model = load_mrt(out / "adapter")  # without the training script
+        assert model.edit_names == [
+            "vision.1",
+            "projector",
+            "llm.0",
+            "llm.2",
+        ]  # -1: the last block read
+
+
+def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
+    cfg = TableConfig(
+        base=stage1_dir, benchmarks=["shapes"], methods=["zero-shot", "mrt"], seeds=[0, 1],
+        epochs=1, num_samples=20, batch_size=8, output_dir=tmp_path / "vqa",
+    )  # fmt: skip
+    table = vqa_table(cfg)
+    methods = [(r["method"], r["seeds"]) for r in table["rows"]]
+    assert methods == [("zero-shot", [0]), ("mrt", [0, 1])]
+    md = (tmp_path / "vqa" / "vqa.md").read_text()
+    assert "| shapes | mrt |" in md
+    mtime = (tmp_path / "vqa/runs/shapes/mrt/seed1/results.json").stat().st_mtime
+    vqa_table(cfg)  # resumable: finished cells are reused
+    assert (tmp_path / "vqa/runs/shapes/mrt/seed1/results.json").stat().st_mtime == mtime
+    assert table_report(tmp_path / "vqa")["rows"] == table["rows"]
+    held = tmp_path / "vqa/runs/shapes/mrt/seed2"
+    held.mkdir(parents=True)
+    (held / ".running").touch()  # another table process holds this cell
+    cfg.seeds = [0, 1, 2]
+    vqa_table(cfg)
+    assert not (held / "results.json").exists() and (held / ".running").exists()
+
+    # lmm table from the CLI: every flag reaches TableConfig (adapters kept on request)
+    main(["lmm", "table", "--base", str(stage1_dir), "--benchmarks", "[shapes]", "--methods",
+          "[mrt]", "--seeds", "[3]", "--epochs", "1", "--num_samples", "20", "--output_dir",
+          str(tmp_path / "vqa"), "--save_adapters", "true"])  # fmt: skip
+    assert (tmp_path / "vqa/runs/shapes/mrt/seed3/adapter/adapter.safetensors").is_file()
+    assert not (tmp_path / "vqa/runs/shapes/mrt/seed0/adapter").exists()
+    assert "| shapes | mrt |" in capsys.readouterr().out
+
+    # lmm tune + generate from the CLI, with control
+    main(["lmm", "tune", "--benchmark", "shapes", "--base", str(stage1_dir), "--num_samples",
+          "20", "--epochs", "1", "--lr", "0.05", "--output_dir", str(tmp_path / "cli"),
+          "--mrt.llm_layers", "[0, 1]", "--quiet", "true"])  # fmt: skip
+    assert "shapes / mrt: test exact match" in capsys.readouterr().out
+    adapter = str(tmp_path / "cli" / "adapter")
+    outputs = []
+    for extra in ([], ["--scale", "0"], ["--edit_scales", '{"llm.1": 3.0}', "--last", "1"]):
+        main(["lmm", "generate", "--adapter", adapter, "--item", "shapes:test:0",
+              "--max_new_tokens", "4", *extra])  # fmt: skip
+        outputs.append(capsys.readouterr().out.strip().splitlines())
+    assert all(o[0].startswith("item vqa-shapes-0-") for o in outputs)
+    # benchmark-level control: every edit off scores exactly as the zero-shot base model
+    main(["lmm", "eval", adapter, "--benchmark", "shapes", "--num_samples", "20",
+          "--scale", "0", "--output", str(tmp_path / "eval.json")])  # fmt: skip
+    assert "shapes test (n = 5): exact match" in capsys.readouterr().out
+    zero_shot = json.loads((tmp_path / "vqa/runs/shapes/zero-shot/seed0/results.json").read_text())
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["exact_match"] == zero_shot["test"]["exact_match"]
+    assert scored["predictions"][:5] == [e["prediction"] for e in zero_shot["examples"]]
+    main(["lmm", "generate", "--base", str(stage1_dir), "--item", "shapes:test:0",
+          "--max_new_tokens", "4"])  # fmt: skip
+    base_out = capsys.readouterr().out.strip().splitlines()
+    assert outputs[1] == base_out  # scale 0 = the base model
+    with pytest.raises(SystemExit):
+        main(["lmm", "generate", "--adapter", adapter, "--item", "shapes:test:0",
+              "--edit_scales", '{"nope": 1}'])  # fmt: skip
+    assert "MRTControl.edit_scales" in capsys.readouterr().err
+
+
+def test_stage1_and_tune_configs_reject_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="not among"):
+        Stage1Config(benchmarks=["coco"])
+    with pytest.raises(ValueError, match=r"TuneConfig.method"):
+        TuneConfig(method="full")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"MRTConfig.llm_rank"):
+        MRTConfig(llm_rank=0)

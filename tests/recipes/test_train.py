@@ -1,0 +1,347 @@
+"""End-to-end training on tiny random models: every task, kill-and-resume, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmtune import MiTConfig
+from mmtune.recipes.train import ModelConfig, OptimConfig, TrainConfig, train
+from mmtune.tasks.model import TaskConfig
+from tiny_assets import tiny_llm_dir, tiny_vit_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return tiny_llm_dir(root / "llm"), tiny_vit_dir(root / "vit")
+
+
+def _config(assets, data, out, epochs=2, samples=120, **extra):
+    llm, vit = assets
+    return TrainConfig(
+        task=TaskConfig(data=data, data_options={"num_samples": samples}),
+        model=ModelConfig(llm=str(llm), vision=str(vit)),
+        mit=MiTConfig(layers=[3, 4]),
+        optim=OptimConfig(epochs=epochs, batch_size=8, lr=1e-3, head_lr_scale=1.0),
+        output_dir=str(out),
+        feature_cache=False,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("data", ["digits-ve", "shapes-ref", "movie-sentiment"])
+def test_each_task_trains_end_to_end_and_reports(assets, tmp_path, data):
+    cfg = _config(assets, data, tmp_path / "run")
+    results = train(cfg, progress=False)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["metrics"] == results["metrics"] and saved["conventions"]
+    assert saved["config"]["task"]["data"] == data and saved["versions"]["mmtune"]
+    assert 0 < saved["parameters"]["trainable"] < saved["parameters"]["total"]
+    relies = saved["reliance"]
+    assert relies["metric"] == next(iter(saved["headline"])) and relies["swapped"]
+    assert isinstance(relies["deranged"], float) and isinstance(relies["drop"], float)
+    assert saved["lower_layer_cache"]["first_infused_layer"] == 3
+    assert saved["lower_layer_cache"]["bytes"] > 0
+    ids = [
+        json.loads(line)["id"]
+        for line in (tmp_path / "run" / "predictions-test.jsonl").read_text().splitlines()
+    ]
+    assert (
+        len(ids)
+        == len(set(ids))
+        == saved["metrics"]["num_samples"]
+        == saved["data"]["splits"]["test"]
+    )
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "epoch-001",
+        "epoch-002",
+    ]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    pictures = {
+        "digits-ve": {"curves"},
+        "shapes-ref": {"curves", "masks"},
+        "movie-sentiment": {"curves", "scatter"},
+    }[data]
+    assert set(saved["pictures"]) == pictures
+    assert all(Path(p).stat().st_size > 1000 for p in saved["pictures"].values())
+    assert (tmp_path / "run" / "final" / "trainable.safetensors").is_file()
+
+
+def test_lower_layer_cache_gives_the_same_training(assets, tmp_path):
+    # Epoch 1 and the first evaluations fill the cache; epoch 2 and the test split read it.
+    a = train(_config(assets, "digits-ve", tmp_path / "a", epochs=2), progress=False)
+    b = train(
+        _config(assets, "digits-ve", tmp_path / "b", epochs=2, cache_lower_layers=False),
+        progress=False,
+    )
+    assert b["lower_layer_cache"] is None
+    cache = a["lower_layer_cache"]
+    assert cache["bytes"] > 0 and cache["filling_epoch_seconds"] == a["history"][0]["seconds"]
+    assert cache["cached_epoch_seconds"] == a["history"][1]["seconds"]
+    assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
+    for ea, eb in zip(a["history"], b["history"], strict=True):
+        assert ea["train_loss"] == pytest.approx(eb["train_loss"], rel=1e-4)
+        assert ea["val"]["accuracy"] == eb["val"]["accuracy"]
+
+
+def test_the_cache_keeps_every_sample_it_has_seen_and_none_under_training_dropout(assets):
+    from mmtune.tasks.model import collate
+    from mmtune.training.build import build
+
+    model, splits, _, _ = build(_config(assets, "digits-ve", "unused", samples=40))
+    ds = splits["val"]
+    batch = collate([ds[i] for i in range(len(ds))], "classification")
+    assert not model.lower_cache.has(batch["id"])
+    model.eval()
+    with torch.no_grad():
+        uncached = model(batch)["logits"]  # fills the cache
+        assert model.lower_cache.has(batch["id"])
+        assert torch.allclose(model(batch)["logits"], uncached, atol=1e-5)  # reads it
+    model.lower_cache.states.clear()
+    model.decoder_backbone.config.attention_dropout = 0.1
+    model.train()
+    model(batch)
+    assert not model.lower_cache.states  # dropout in training: states differ per pass
+    model.eval()
+    model(batch)
+    assert model.lower_cache.has(batch["id"])  # evaluation still keeps them
+
+
+def _yaml(assets, tmp_path, out: Path, epochs: int, samples: int) -> Path:
+    llm, vit = assets
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(f"""
+task: {{data: digits-ve, data_options: {{num_samples: {samples}}}}}
+model: {{llm: {llm}, vision: {vit}}}
+mit: {{layers: [3, 4]}}
+optim: {{epochs: {epochs}, batch_size: 4, lr: 1.0e-3, head_lr_scale: 1.0}}
+output_dir: {out}
+feature_cache: false
+plots: false
+""")
+    return path
+
+
+def _env(tmp_path):
+    return {
+        **os.environ,
+        "MMTUNE_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(assets, tmp_path):
+    epochs, samples = 4, 600
+    whole = tmp_path / "whole"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmtune.cli",
+            "train",
+            str(_yaml(assets, tmp_path, whole, epochs, samples)),
+            "--quiet",
+            "true",
+        ],
+        check=True,
+        env=_env(tmp_path),
+        capture_output=True,
+    )
+    broken = tmp_path / "broken"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmtune.cli",
+        "train",
+        str(_yaml(assets, tmp_path, broken, epochs, samples)),
+        "--quiet",
+        "true",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not (broken / "checkpoints" / "epoch-001").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "run ended before epoch 1 saved"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (broken / "results.json").exists()
+    assert not (broken / "checkpoints" / "epoch-004").exists()
+    subprocess.run([*cmd, "--resume", "true"], check=True, env=_env(tmp_path), capture_output=True)
+    a = json.loads((whole / "results.json").read_text())
+    b = json.loads((broken / "results.json").read_text())
+    assert b["metrics"] == a["metrics"]
+    assert [e["train_loss"] for e in b["history"]] == [e["train_loss"] for e in a["history"]]
+
+
+def test_two_process_ddp_on_cpu(assets, tmp_path):
+    out = tmp_path / "ddp"
+    config = _yaml(assets, tmp_path, out, epochs=2, samples=160)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "mmtune.cli",
+            "train",
+            str(config),
+            "--quiet",
+            "true",
+        ],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["processes"] == 2
+    last = out / "checkpoints" / "epoch-002"
+    digests = {p.read_text() for p in last.glob("trainable-sha256-rank*.txt")}
+    assert len(list(last.glob("trainable-sha256-rank*.txt"))) == 2 and len(digests) == 1
+    ids = [
+        json.loads(line)["id"] for line in (out / "predictions-test.jsonl").read_text().splitlines()
+    ]
+    assert len(ids) == len(set(ids)) == results["data"]["splits"]["test"]  # each sample once
+
+
+def test_eval_and_predict_from_a_run_directory(assets, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from mmtune import cli
+
+    run = tmp_path / "seg"
+    results = train(_config(assets, "shapes-ref", run, epochs=1), progress=False)
+    cli.main(["eval", str(run), "--split", "test"])
+    saved = json.loads((run / "eval-test.json").read_text())
+    assert saved["metrics"]["oIoU"] == pytest.approx(results["metrics"]["oIoU"], abs=1e-6)
+    image = np.zeros((64, 80, 3), np.uint8)
+    image[10:30, 10:30] = (40, 80, 220)
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    cli.main(
+        [
+            "predict",
+            str(run),
+            "the blue square",
+            "--image",
+            str(tmp_path / "scene.png"),
+            "--out",
+            str(tmp_path / "mask.png"),
+        ]
+    )
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Image.open(answer["overlay"]).size == (80, 64)
+    cls = tmp_path / "cls"
+    train(_config(assets, "digits-ve", cls, epochs=1), progress=False)
+    cli.main(
+        [
+            "predict",
+            str(cls),
+            "The digit is even.",
+            "--image",
+            str(tmp_path / "scene.png"),
+        ]
+    )
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["class"] in {"entailment", "neutral", "contradiction"}
+
+
+def test_task_token_pooling_trains_and_is_saved(assets, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = _config(assets, "digits-ve", tmp_path / "tok", epochs=1)
+    cfg.task.pooling = "task_token"
+    results = train(cfg, progress=False)
+    assert results["lower_layer_cache"] is None  # the token enters at layer 0: nothing to cache
+    saved = load_file(str(tmp_path / "tok" / "final" / "trainable.safetensors"))
+    assert "task_token.embedding" in saved
+    from mmtune.recipes.evaluate import load_run
+
+    _, _, model = load_run(tmp_path / "tok")
+    batch = {"id": ["a", "b"], "text": ["The digit is even.", "The digit is odd."]}
+    with torch.no_grad():
+        before = model.text_vector(batch, torch.zeros(2, model.llm.mit_config.d_modality))
+        model.task_token.embedding.add_(1.0)
+        after = model.text_vector(batch, torch.zeros(2, model.llm.mit_config.d_modality))
+    assert (before - after).abs().max() > 1e-3  # the pooled vector is read at the task token
+
+
+@pytest.mark.parametrize(
+    ("method", "data"),
+    [
+        ("concat_lora", "digits-ve"),
+        ("concat_ia3", "shapes-ref"),
+        ("concat", "movie-sentiment"),
+        ("text", "digits-ve"),
+    ],
+)
+def test_baselines_train_and_reload_through_the_same_path(assets, tmp_path, method, data):
+    """Each baseline trains, saves only its own tensors, and `mmtune eval` rebuilds the run."""
+    from safetensors.torch import load_file
+
+    from mmtune.recipes.evaluate import evaluate_run
+
+    run = tmp_path / method
+    results = train(_config(assets, data, run, epochs=1, method=method), progress=False)
+    assert results["config"]["method"] == method
+    saved = load_file(str(run / "final" / "trainable.safetensors"))
+    keys = set(saved)
+    assert not any("infusion" in k for k in keys)  # no MiT tensors in a baseline
+    if method.startswith("concat"):
+        assert any(k.startswith("projector.") for k in keys)
+    if method == "concat_lora":
+        assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
+    if method == "concat_ia3":
+        assert any("ia3_l" in k for k in keys)
+    if method == "text":  # only the head trains; the whole frozen LLM's output is cached
+        assert all(k.startswith("head.") for k in keys)
+        assert results["lower_layer_cache"]["first_infused_layer"] == 5  # N + 1
+    headline = next(iter(results["headline"]))
+    again = evaluate_run(run, "test")
+    assert again["metrics"][headline] == pytest.approx(results["metrics"][headline], abs=1e-6)
+
+
+def test_every_long_wait_of_a_run_is_reported_through_the_progress_callback(assets, tmp_path):
+    calls = []
+    train(
+        _config(assets, "digits-ve", tmp_path / "run", epochs=2, samples=60),
+        progress=lambda stage, done, total, info: calls.append((stage, done, total, info)),
+    )
+    stages = list(dict.fromkeys(c[0] for c in calls))
+    assert stages == [
+        "encode digits-ve-train",
+        "encode digits-ve-val",
+        "encode digits-ve-test",
+        "digits-ve epoch 1/2",  # no cache fill pass: the first epoch fills it
+        "eval val",
+        "digits-ve epoch 2/2",
+        "eval test",
+        "reliance",
+    ]
+    for stage in stages:  # each starts at 0 and ends at its total, counting up by one
+        done = [c[1] for c in calls if c[0] == stage]
+        total = {c[2] for c in calls if c[0] == stage}
+        assert len(total) == 1 and done[0] == 0 and done[-1] == total.pop()
+    epoch = [c for c in calls if c[0] == "digits-ve epoch 1/2" and c[1] > 0]
+    assert all(c[3]["loss"] > 0 and c[3]["samples_s"] > 0 for c in epoch)
