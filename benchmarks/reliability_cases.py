@@ -45,7 +45,7 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_model
 from mmtune import MiTConfig, inject_mit
 cfg = MiTConfig(d_modality=12, layers=[2], form="residual")
-inject_mit(tiny_model("llama"), cfg).save_adapter({path!r})
+inject_mit(tiny_model("llama"), cfg).save_pretrained({path!r})
 """
 
 PY_TRUNCATION = """

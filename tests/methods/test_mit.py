@@ -251,7 +251,7 @@ def test_one_step_changes_only_infusion_parameters_and_saved_keys_are_exact(arch
     assert {n for n, p in mit.named_parameters() if p.requires_grad} == infusion
     assert changed == infusion  # every infusion tensor got a gradient and moved
 
-    mit.save_adapter(tmp_path)
+    mit.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 
     assert set(load_file(tmp_path / "adapter.safetensors")) == infusion
@@ -303,7 +303,7 @@ def test_save_load_roundtrip_on_a_fresh_base_model(arch, tmp_path):
     ids, I = _ids(), _modality()
     with torch.no_grad():
         expected = mit(input_ids=ids, modality=I).logits
-    mit.save_adapter(tmp_path / "adapter")
+    mit.save_pretrained(tmp_path / "adapter")
     fresh = tiny_model(arch)  # same seed, same base weights
     loaded = MiTModel.from_pretrained(fresh, tmp_path / "adapter")
     assert loaded.mit_config == mit.mit_config
@@ -313,7 +313,7 @@ def test_save_load_roundtrip_on_a_fresh_base_model(arch, tmp_path):
 
 
 def test_loading_onto_a_different_model_names_the_problem(tmp_path):
-    inject_mit(tiny_model("llama"), MiTConfig(d_modality=D_I, layers=[2])).save_adapter(tmp_path)
+    inject_mit(tiny_model("llama"), MiTConfig(d_modality=D_I, layers=[2])).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="saved on a 'llama' model"):
         MiTModel.from_pretrained(tiny_model("gpt2"), tmp_path)
     other = tiny_model("llama")
@@ -634,7 +634,7 @@ def test_low_rank_maps_save_load_train_and_shrink_the_share(tmp_path):
     perturb(mit)
     with torch.no_grad():
         expected = mit(input_ids=ids, modality=I).logits
-    mit.save_adapter(tmp_path / "adapter")
+    mit.save_pretrained(tmp_path / "adapter")
     loaded = MiTModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
     assert loaded.mit_config.map_rank == 2
     with torch.no_grad():

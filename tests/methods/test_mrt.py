@@ -153,7 +153,7 @@ def test_every_edit_gets_a_gradient(dirs):
     # an edit whose output the model never reads (a ViT block after the feature layer, or the
     # feature layer's own output recorded before the edit) would get none and never train
     mrt = perturb(inject_mrt(tiny_lmm(dirs), MRTConfig(vision_layers=[0, -1], llm_layers=[0, 2])))
-    mrt.loss(batch_of(mrt.base, answers=True)).backward()
+    mrt.loss(batch_of(mrt.base_model, answers=True)).backward()
     dead = [n for n, p in mrt.named_parameters() if p.requires_grad and p.grad is None]
     assert not dead and mrt.edit_names[:2] == ["vision.0", "vision.1"]
 
@@ -220,7 +220,7 @@ def test_save_load_round_trip_from_the_adapter_alone(dirs, tmp_path: Path):
     b = batch_of(model)
     with torch.no_grad():
         expected = mrt(b)
-    mrt.save_adapter(tmp_path / "mrt", base_dir=tmp_path / "stage1")
+    mrt.save_pretrained(tmp_path / "mrt", base_dir=tmp_path / "stage1")
     files = sorted(p.name for p in (tmp_path / "mrt").iterdir())
     assert files == ["adapter.safetensors", "adapter_config.json"]
     meta = json.loads((tmp_path / "mrt" / "adapter_config.json").read_text())
@@ -232,7 +232,7 @@ def test_save_load_round_trip_from_the_adapter_alone(dirs, tmp_path: Path):
     loaded = load_mrt(tmp_path / "mrt")  # base rebuilt from the recorded stage-1 directory
     with torch.no_grad():
         assert torch.equal(
-            loaded(loaded.base.batch(PROMPTS, [[im] for im in images(2)] + [images(4)[2:]])),
+            loaded(loaded.base_model.batch(PROMPTS, [[im] for im in images(2)] + [images(4)[2:]])),
             expected,
         )
     other = tiny_lmm(dirs, seed=5)  # a different (random) projector
@@ -295,7 +295,7 @@ def test_tunable_share_counts(dirs):
         num_llm_layers=4,
         vision_widths=model.tower.block_widths,
     )
-    assert counted["total"] == mrt.parameter_count().trainable
+    assert counted["total"] == mrt.trainable_parameters().trainable
     shapes = VISION_SHAPES
     small = mrt_share("smollm2-135m", "mobilenet-v2", MRTConfig(), shapes)
     assert small["share_of_all"] <= 0.001  # the bound at SmolLM2 scale

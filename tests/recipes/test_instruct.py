@@ -78,7 +78,7 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
         # the saved adapter alone gives the same answers (greedy decoding)
         items = VQA_BENCHMARKS["digits"](num_samples=20)["test"]
         again = load_tuned(out / "adapter")
-        base = again.base if hasattr(again, "base") else again
+        base = getattr(again, "base_model", again)
         preds = predict(
             again,
             [_prompt(it) for it in items],

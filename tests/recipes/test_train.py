@@ -290,8 +290,8 @@ def test_task_token_pooling_trains_and_is_saved(assets, tmp_path):
 @pytest.mark.parametrize(
     ("method", "data"),
     [
-        ("concat_lora", "digits-ve"),
-        ("concat_ia3", "shapes-ref"),
+        ("concat+lora", "digits-ve"),
+        ("concat+ia3", "shapes-ref"),
         ("concat", "movie-sentiment"),
         ("text", "digits-ve"),
     ],
@@ -303,16 +303,18 @@ def test_baselines_train_and_reload_through_the_same_path(assets, tmp_path, meth
     from mmtune.recipes.evaluate import evaluate_run
 
     run = tmp_path / method
-    results = train(_config(assets, data, run, epochs=1, method=method), progress=False)
-    assert results["config"]["method"] == method
+    name, _, peft = method.partition("+")
+    cfg = _config(assets, data, run, epochs=1, method=name, peft=peft or "none")
+    results = train(cfg, progress=False)
+    assert (results["config"]["method"], results["config"]["peft"]) == (name, peft or "none")
     saved = load_file(str(run / "final" / "trainable.safetensors"))
     keys = set(saved)
     assert not any("infusion" in k for k in keys)  # no MiT tensors in a baseline
     if method.startswith("concat"):
         assert any(k.startswith("projector.") for k in keys)
-    if method == "concat_lora":
+    if method == "concat+lora":
         assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
-    if method == "concat_ia3":
+    if method == "concat+ia3":
         assert any("ia3_l" in k for k in keys)
     if method == "text":  # only the head trains; the whole frozen LLM's output is cached
         assert all(k.startswith("head.") for k in keys)

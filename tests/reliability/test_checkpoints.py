@@ -184,7 +184,7 @@ def test_adapter_damage_is_refused_on_from_pretrained(tmp_path, damage):
     from mmtune import MiTConfig, MiTModel, inject_mit
 
     mit = inject_mit(tiny_model("llama"), MiTConfig(d_modality=12, layers=[2], form="residual"))
-    mit.save_adapter(tmp_path)
+    mit.save_pretrained(tmp_path)
     weights, config = tmp_path / "adapter.safetensors", tmp_path / "adapter_config.json"
     if damage == "flip":
         _flip(weights)

@@ -29,7 +29,8 @@ def _train(assets, out: Path, method: str, data: str) -> dict:
     cfg = TrainConfig(
         task=TaskConfig(data=data, data_options={"num_samples": 64}),
         model=ModelConfig(llm=str(llm), vision=str(vit)),
-        method=method,
+        method=method.split("+")[0],
+        peft=method.split("+")[1] if "+" in method else "none",
         mit=MiTConfig(layers=[3, 4]),
         optim=OptimConfig(epochs=1, batch_size=8, lr=1e-2, head_lr_scale=1.0),
         output_dir=str(out),
@@ -48,8 +49,8 @@ CASES = [
     ("mit", "digits-ve"),
     ("text", "movie-sentiment"),
     ("concat", "shapes-ref"),
-    ("concat_lora", "digits-ve"),
-    ("concat_ia3", "digits-ve"),
+    ("concat+lora", "digits-ve"),
+    ("concat+ia3", "digits-ve"),
 ]
 
 
@@ -67,12 +68,12 @@ def test_a_run_writes_an_adapter_with_a_card_that_loads_anywhere(assets, tmp_pat
         "README.md",
         "manifest.json",
     }
-    if method in ("concat_lora", "concat_ia3"):
+    if "+" in method:
         expected |= {"peft/adapter_config.json", "peft/adapter_model.safetensors"}
     assert files == expected
     meta = _front_matter((adapter / "README.md").read_text())
     assert meta["library_name"] == "mmtune" and meta["base_model"] == str(assets[0])
-    assert "mmtune" in meta["tags"] and method.replace("_", "-") in meta["tags"]
+    assert "mmtune" in meta["tags"] and method.replace("+", "-") in meta["tags"]
     card = (adapter / "README.md").read_text()
     headline, value = next(iter(results["headline"].items()))
     assert f"| {headline} | {value:.4f} |" in card and "## How to load" in card
@@ -110,7 +111,7 @@ def test_peft_baselines_are_saved_in_peft_format(assets, tmp_path, kind):
     from peft import PeftModel
 
     run = tmp_path / "run"
-    _train(assets, run, f"concat_{kind}", "digits-ve")
+    _train(assets, run, f"concat+{kind}", "digits-ve")
     _, _, model = load_run(run)
     fresh, tokenizer = load_llm(str(assets[0]))
     ids = tokenizer(["a prompt of some words"], return_tensors="pt")

@@ -77,8 +77,8 @@ class ConcatConfig:
 
 @dataclass
 class PeftAdapterConfig:
-    """LoRA / IA3 adapters on the frozen LLM (through PEFT), used by ``concat_lora`` and
-    ``concat_ia3``."""
+    """Options of the LoRA / IA3 adapters PEFT adds to the frozen LLM (``peft: lora`` / ``ia3``
+    with method ``concat``, and ``lmm tune --method lora``)."""
 
     lora_r: int = 8
     """LoRA rank r."""
@@ -129,8 +129,15 @@ def inject_peft(
         raise ValueError(
             f"PEFT could not add {kind} to {type(llm).__name__}: {e}; set peft.target_modules"
         ) from e
-    for name, p in llm.named_parameters():  # PEFT marks its own tensors trainable
-        p.requires_grad_(("lora_" in name) or ("ia3_" in name))
+    # Only the adapters' own tensors train, found structurally: every PEFT layer names the
+    # attributes that hold them (lora_A, lora_B, ...; ia3_l), whatever the modules are called.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    llm.requires_grad_(False)
+    for module in llm.modules():
+        if isinstance(module, BaseTunerLayer):
+            for attr in module.adapter_layer_names:
+                getattr(module, attr).requires_grad_(True)
     if not any(p.requires_grad for p in llm.parameters()):
         raise ValueError(f"PEFT added no {kind} tensors: check peft.target_modules")
     return llm

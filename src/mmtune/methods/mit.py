@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtune.methods.base import AdapterModel, deprecated_alias
 from mmtune.models.architectures import (
     ArchitectureSpec,
     config_int,
@@ -59,9 +60,7 @@ from mmtune.models.architectures import (
     resolve,
 )
 from mmtune.utils.adapter_file import (
-    ParameterCount,
     base_model_id,
-    count_parameters,
     load_adapter_tensors,
     read_adapter,
     write_adapter,
@@ -337,7 +336,7 @@ class _Context:
     maps: dict[int, LayerMaps] = field(default_factory=dict)
 
 
-class MiTModel(nn.Module):
+class MiTModel(AdapterModel):
     """A Hugging Face causal LM with MiT hooked in; call it like the base model plus ``modality``.
 
     Example::
@@ -348,7 +347,11 @@ class MiTModel(nn.Module):
 
     Base weights are frozen and keep their names; the infusion parameters live in
     ``mit.infusion`` (one :class:`MiTLayer` per infused layer, keyed by its 1-based number).
+    The adapter API (save_pretrained, from_pretrained, disable_adapter, unload, ...) is the
+    one every method shares (:class:`mmtune.methods.base.AdapterModel`).
     """
+
+    adapter_prefix = "infusion."
 
     def __init__(self, model: nn.Module, config: MiTConfig, *, freeze_base: bool = True):
         super().__init__()
@@ -381,7 +384,6 @@ class MiTModel(nn.Module):
             self._hook_layer(layer_id, block)
 
         self._ctx: _Context | None = None
-        self._enabled = True
         self._unloaded = False
 
     # ------------------------------------------------------------------ construction
@@ -516,7 +518,7 @@ class MiTModel(nn.Module):
     # ------------------------------------------------------------------ modality context
     def _active(self, where: str) -> _Context | None:
         """The context the hooks should use, or None when they must leave outputs alone."""
-        if not self._enabled:
+        if not self.adapter_enabled:
             return None
         ctx = self._ctx
         if ctx is None:
@@ -581,15 +583,6 @@ class MiTModel(nn.Module):
         finally:
             self._ctx = previous  # cleared even when the call raises
 
-    @contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Run the frozen base model: hooks pass outputs through unchanged inside the block."""
-        previous, self._enabled = self._enabled, False
-        try:
-            yield
-        finally:
-            self._enabled = previous
-
     def _check_alive(self) -> None:
         if self._unloaded:
             raise RuntimeError("this MiTModel was unloaded; inject MiT again to use it")
@@ -604,7 +597,7 @@ class MiTModel(nn.Module):
     def forward(self, *args: Any, modality: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The base model's forward with infusion of ``modality`` (B, d_I)."""
         self._check_alive()
-        if not self._enabled:
+        if not self.adapter_enabled:
             return self.base_model(*args, **kwargs)
         if modality is None:
             raise ValueError(
@@ -629,7 +622,7 @@ class MiTModel(nn.Module):
     def generate(self, *args: Any, modality: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """``base_model.generate`` with infusion; beams and num_return_sequences are handled."""
         self._check_alive()
-        if not self._enabled:
+        if not self.adapter_enabled:
             return self.base_model.generate(*args, **kwargs)
         if modality is None:
             raise ValueError("MiTModel.generate needs modality=(batch, d_modality) tensor")
@@ -645,15 +638,7 @@ class MiTModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ------------------------------------------------------------------ reports and I/O
-    def trainable_parameters(self) -> ParameterCount:
-        """Trainable and total parameters of base model plus infusion."""
-        return count_parameters(self)
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The infusion tensors only, keyed as in ``self.state_dict()`` (``infusion.<layer>.*``)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("infusion.")}
-
-    def save_adapter(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``adapter.safetensors`` + ``adapter_config.json`` (atomically) to ``directory``."""
         return write_adapter(
             directory,
@@ -702,6 +687,8 @@ class MiTModel(nn.Module):
             p.requires_grad_(self._requires_grad.get(n, p.requires_grad))
         self._unloaded = True
         return self.base_model
+
+    save_adapter = deprecated_alias("save_pretrained", "save_adapter")
 
     def extra_repr(self) -> str:
         c = self.mit_config

@@ -25,6 +25,7 @@ from mmtune.encoders.vision import load_vision_encoder
 from mmtune.heads import SegmentationDecoderConfig
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
+from mmtune.methods.registry import split_legacy_method
 from mmtune.models.llm import load_llm
 from mmtune.tasks import get_task
 from mmtune.tasks.model import TaskConfig, TaskModel, collate
@@ -55,6 +56,12 @@ def load_config(run: str | Path) -> TrainConfig:
         path = verify_final(Path(run)) / "config.json"
         raw = read_json(path, "run config")
     try:
+        raw = dict(raw)
+        if isinstance(raw.get("peft"), dict):  # mmtune < 0.4: the adapters' options
+            raw["peft_config"], raw["peft"] = raw.pop("peft"), "none"
+        raw["method"], raw["peft"] = split_legacy_method(
+            raw["method"], raw.get("peft", "none"), str(path), warn=False
+        )
         model = dict(raw["model"])
         model["sequence"] = SequenceEncoderConfig(**model["sequence"])
         model["decoder"] = SegmentationDecoderConfig(**model["decoder"])
@@ -66,7 +73,7 @@ def load_config(run: str | Path) -> TrainConfig:
                 "model": ModelConfig(**model),
                 "mit": MiTConfig(**raw["mit"]),
                 "concat": ConcatConfig(**raw.get("concat", {})),
-                "peft": PeftAdapterConfig(**raw.get("peft", {})),
+                "peft_config": PeftAdapterConfig(**raw.get("peft_config", {})),
                 "optim": OptimConfig(**raw["optim"]),
             }
         )

@@ -230,7 +230,7 @@ def fit(
     DDP, schedule, clipping, epoch checkpoints in ``out``, ``resume``)."""
     from accelerate import Accelerator
 
-    base = model.base if isinstance(model, MRTModel) else model
+    base = model.base_model if isinstance(model, MRTModel) else model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
@@ -306,7 +306,7 @@ def predict(
 ) -> list[str]:
     """Greedy answers, batch by batch (left-padded; equal to one-by-one generation);
     ``progress`` hears ``stage`` once per batch (:mod:`mmtune.utils.progress`)."""
-    base = model.base if isinstance(model, MRTModel) else model
+    base = model.base_model if isinstance(model, MRTModel) else model
     model.eval()
     out: list[str] = []
     batches = _batches(len(prompts), batch_size)
@@ -328,7 +328,7 @@ def answer(
     max_new_tokens: int = 16,
 ) -> str:
     """One prompt with its images -> the generated text (MRT: under ``control``)."""
-    base = model.base if isinstance(model, MRTModel) else model
+    base = model.base_model if isinstance(model, MRTModel) else model
     if isinstance(model, MRTModel):
         model.set_control(control)
     elif control is not None:
@@ -432,7 +432,7 @@ def _save(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str,
     format (with ``mmtune_lmm.json`` naming the stage-1 base), and a model card."""
     out = cfg.output_dir / "adapter"
     if isinstance(model, MRTModel):
-        model.save_adapter(out, base_dir=cfg.base)
+        model.save_pretrained(out, base_dir=cfg.base)
     elif cfg.method == "projector":
         model.save_projector(out)
     elif cfg.method == "lora":
@@ -446,7 +446,7 @@ def _save(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str,
 
 
 def _lmm_card(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str, Any]) -> str:
-    base = model.base if isinstance(model, MRTModel) else model
+    base = model.base_model if isinstance(model, MRTModel) else model
     head = {
         "library_name": "mmtune" if cfg.method != "lora" else "peft",
         "base_model": hub_id(base.config.llm),
@@ -870,7 +870,7 @@ def evaluate_adapter(
     preds = predict(
         model,
         [_prompt(it) for it in items],
-        _pixels(model.base if isinstance(model, MRTModel) else model, items),
+        _pixels(model.base_model if isinstance(model, MRTModel) else model, items),
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         progress=progress,

@@ -166,7 +166,7 @@ def run_smoke_demo(
     reload_diff = None
     if out_dir is not None:
         adapter_dir = Path(out_dir) / "adapter"
-        mit.save_adapter(adapter_dir)
+        mit.save_pretrained(adapter_dir)
         reloaded = MiTModel.from_pretrained(_tiny_llm(cfg.seed), adapter_dir)
         x = data["test"][0][:8]
         ids = prompt.expand(8, -1)

@@ -74,8 +74,20 @@ _TAGS = {
 }
 
 
-def _peft_kind(method: str) -> str | None:
+def _peft_kind(config: dict[str, Any]) -> str | None:
+    """The run's PEFT adapter (lora, ia3) or None; reads the spelling of mmtune < 0.4 too."""
+    peft = config.get("peft")
+    if isinstance(peft, str) and peft != "none":
+        return peft
+    method = config["method"]
     return method.removeprefix("concat_") if method in ("concat_lora", "concat_ia3") else None
+
+
+def method_label(config: dict[str, Any]) -> str:
+    """``concat+lora`` for a run's method with its PEFT adapter, else the method's name."""
+    peft = _peft_kind(config)
+    method = "concat" if config["method"].startswith("concat") else config["method"]
+    return f"{method}+{peft}" if peft else method
 
 
 def hub_id(llm: str) -> str:
@@ -108,16 +120,16 @@ def write_run_adapter(
     method = config["method"]
     files = [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, TASK_WEIGHTS, RUN_FILE, CARD]
     if isinstance(module.llm, MiTModel):
-        module.llm.save_adapter(directory)
+        module.llm.save_pretrained(directory)
     else:  # no tensors inside the LLM of mmtune's own, and the method's options for the record
         write_adapter(
             directory,
             method=method,
             tensors={},
-            config={k: config[k] for k in ("concat", "peft") if k in config},
+            config={k: config[k] for k in ("concat", "peft", "peft_config") if k in config},
             base_model=module.llm,
         )
-    if _peft_kind(method):
+    if _peft_kind(config):
         _save_peft(module.llm, directory / "peft", hub_id(config["model"]["llm"]))
         files += [f"peft/{PEFT_CONFIG_NAME}", f"peft/{PEFT_WEIGHTS_NAME}"]
     save_tensors(directory / TASK_WEIGHTS, _task_tensors(module), metadata={"format": "pt"})
@@ -173,7 +185,8 @@ def load_run_adapter_weights(module: Any, directory: Path) -> None:
     Each part is strict: a missing, unexpected or misshapen tensor is one error naming the
     file; together the parts cover every trainable tensor of ``module``."""
     directory = Path(directory)
-    method = read_run_file(directory)["method"]
+    run_file = read_run_file(directory)
+    method = run_file["method"]
     covered: set[str] = set()
     if isinstance(module.llm, MiTModel):
         _, tensors = read_adapter(directory, method="mit")
@@ -183,7 +196,7 @@ def load_run_adapter_weights(module: Any, directory: Path) -> None:
         covered |= {f"llm.{k}" for k in tensors}
     else:
         read_adapter(directory, method=method)  # checks its digests; it holds no tensors
-    if _peft_kind(method):
+    if _peft_kind({"method": method, **run_file.get("config", {})}):
         load_peft_format(module.llm, directory / "peft")
         covered |= {
             n for n, p in module.named_parameters() if p.requires_grad and n.startswith("llm.")
@@ -223,13 +236,13 @@ def model_card(
 ) -> str:
     """The README.md of a run adapter: Hub front matter, then the method, the data, the test
     metrics with their conventions, the reliance on the modality, and how to load it."""
-    task, method = spec["task"], config["method"]
+    task, method = spec["task"], method_label(config)
     data = results.get("data", {})
     dataset = str(data.get("data", config["task"]["data"]))
     head = {
         "library_name": "mmtune",
         "base_model": frozen["llm_hub_id"],
-        "tags": ["mmtune", method.replace("_", "-"), "multimodal", *_TAGS.get(task, [])],
+        "tags": ["mmtune", method.replace("+", "-"), "multimodal", *_TAGS.get(task, [])],
         "datasets": [dataset],
         "pipeline_tag": {
             "segmentation": "image-segmentation",
@@ -244,8 +257,8 @@ def model_card(
         "LLM, with a per-head gate; no extra tokens.",
         "text": "text only: the modality does not reach the frozen LLM (a baseline).",
         "concat": "token concatenation: projected modality tokens before the text (LLaVA style).",
-        "concat_lora": "token concatenation plus LoRA adapters in the frozen LLM (PEFT).",
-        "concat_ia3": "token concatenation plus IA3 adapters in the frozen LLM (PEFT).",
+        "concat+lora": "token concatenation plus LoRA adapters in the frozen LLM (PEFT).",
+        "concat+ia3": "token concatenation plus IA3 adapters in the frozen LLM (PEFT).",
     }[method]
     metrics = results.get("metrics", {})
     conventions = results.get("conventions", {})
@@ -325,7 +338,7 @@ def model_card(
             f"`I` is the frozen encoder's pooled vector, scaled as `modality_norm` says "
             f"(`{config['task'].get('modality_norm')}`).",
         ]
-    if _peft_kind(method):
+    if _peft_kind(config):
         lines += [
             "",
             "The LLM's adapters alone, with PEFT:",

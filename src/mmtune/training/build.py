@@ -18,6 +18,7 @@ from mmtune.data.mini import MINI_BENCHMARKS
 from mmtune.encoders.vision import encode_images, load_vision_encoder
 from mmtune.methods.concat import inject_peft
 from mmtune.methods.mit import MiTConfig, MiTModel, inject_mit
+from mmtune.methods.registry import get_method
 from mmtune.models.llm import load_llm
 from mmtune.models.partial import LowerLayerCache
 from mmtune.tasks import get_task
@@ -130,7 +131,7 @@ def build(
             feats = encode_images(
                 encoder,
                 split_images(split),
-                levels=kind.needs_feature_maps or cfg.method.startswith("concat"),
+                levels=kind.needs_feature_maps or get_method(cfg.method).needs_feature_maps,
                 cache=cache,
                 name=f"{cfg.task.data}-{name}".replace("/", "_"),
                 progress=progress,
@@ -201,12 +202,12 @@ def _warn_cut_prompts(model: TaskModel, splits: dict[str, FeaturedSplit]) -> Non
 def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer: Any) -> TaskModel:
     """The task model from a run's config and its data-derived spec (saved as final/spec.json)."""
     d_modality = spec["d_modality"]
-    method = "concat" if cfg.method.startswith("concat") else cfg.method
+    method = cfg.method
     if method != "mit":
         wrapped: nn.Module = llm
         llm.requires_grad_(False)
-        if cfg.method in ("concat_lora", "concat_ia3"):
-            inject_peft(llm, cfg.method.removeprefix("concat_"), cfg.peft)
+        if cfg.peft != "none":
+            inject_peft(llm, cfg.peft, cfg.peft_config)
     elif d_modality:
         mit_cfg = MiTConfig(**{**asdict(cfg.mit), "d_modality": cfg.mit.d_modality or d_modality})
         if mit_cfg.d_modality != d_modality:

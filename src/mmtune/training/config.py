@@ -7,14 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mmtune.encoders.sequence import SequenceEncoderConfig
 from mmtune.heads import SegmentationDecoderConfig
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
+from mmtune.methods.registry import PEFT_KINDS, get_method, methods, split_legacy_method
 from mmtune.tasks.model import TaskConfig
 
 __all__ = [
@@ -88,10 +90,11 @@ class OptimConfig:
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 
 
-Method = Literal["mit", "text", "concat", "concat_lora", "concat_ia3"]
+Method = Literal["mit", "text", "concat"]
+"""The registered methods of task models (:func:`mmtune.methods.registry.methods` ``("llm")``)."""
 
 
-METHOD_NAMES: tuple[str, ...] = ("mit", "text", "concat", "concat_lora", "concat_ia3")
+METHOD_NAMES: tuple[str, ...] = ("mit", "text", "concat")
 
 
 @dataclass
@@ -102,16 +105,21 @@ class TrainConfig:
     """Data, prompt and task options."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Frozen models and trainable encoder shapes."""
-    method: Method = "mit"
-    """How the modality reaches the frozen LLM: ``mit`` (infusion); ``text`` (it does not:
-    text-only baseline); ``concat`` (projected tokens before the text, projector trained);
-    ``concat_lora`` / ``concat_ia3`` (the same plus LoRA / IA3 adapters in the LLM, via PEFT)."""
+    method: str = "mit"
+    """How the modality reaches the frozen LLM, a registered method (mmtune.methods.registry):
+    ``mit`` (infusion); ``text`` (it does not: text-only baseline); ``concat`` (projected tokens
+    before the text, projector trained). ``concat_lora`` / ``concat_ia3`` (mmtune < 0.4) load
+    as method concat with peft lora / ia3, with a deprecation warning."""
+    peft: Literal["none", "lora", "ia3"] | dict[str, Any] = "none"
+    """PEFT adapters added to the frozen LLM (method concat): ``none``, ``lora`` or ``ia3``;
+    their options are peft_config. (A mapping here is the spelling of mmtune < 0.4 for
+    peft_config; it loads with a deprecation warning.)"""
     mit: MiTConfig = field(default_factory=MiTConfig)
     """MiT (d_modality is set from the modality encoder when left empty)."""
     concat: ConcatConfig = field(default_factory=ConcatConfig)
-    """Token concatenation (methods concat, concat_lora, concat_ia3)."""
-    peft: PeftAdapterConfig = field(default_factory=PeftAdapterConfig)
-    """LoRA / IA3 adapters (methods concat_lora, concat_ia3)."""
+    """Token concatenation (method concat)."""
+    peft_config: PeftAdapterConfig = field(default_factory=PeftAdapterConfig)
+    """Options of the LoRA / IA3 adapters (peft lora, ia3)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimiser and schedule."""
     output_dir: str = "runs/train"
@@ -142,9 +150,31 @@ class TrainConfig:
                 f"TrainConfig.report_to must be one of {', '.join(REPORT_TO)}; got "
                 f"{self.report_to!r}"
             )
-        if self.method not in METHOD_NAMES:
+        if isinstance(self.peft, dict):  # mmtune < 0.4: `peft:` held the adapters' options
+            warnings.warn(
+                "TrainConfig.peft: a mapping of adapter options is deprecated (removed in "
+                "mmtune 0.5); write them under peft_config, and peft: lora / ia3 / none",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            self.peft_config, self.peft = PeftAdapterConfig(**self.peft), "none"
+        self.method, self.peft = split_legacy_method(self.method, self.peft, "TrainConfig.method")
+        try:
+            spec = get_method(self.method)
+        except KeyError:
+            spec = None
+        if spec is None or spec.model != "llm":
             raise ValueError(
-                f"TrainConfig.method must be one of {', '.join(METHOD_NAMES)}; got {self.method!r}"
+                f"TrainConfig.method must be one of {', '.join(methods('llm'))}; got "
+                f"{self.method!r}"
+            )
+        if self.peft not in PEFT_KINDS:
+            raise ValueError(
+                f"TrainConfig.peft must be one of {', '.join(PEFT_KINDS)}; got {self.peft!r}"
+            )
+        if self.peft != "none" and not spec.takes_peft:
+            raise ValueError(
+                f"TrainConfig.peft: {self.peft} adapters go with method concat, not {self.method}"
             )
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")

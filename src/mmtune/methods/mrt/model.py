@@ -28,6 +28,7 @@ edit by name. Only edit parameters train; the base model is untouched.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -37,25 +38,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmtune.methods.base import AdapterModel, deprecated_alias
 from mmtune.methods.mrt.config import MRTConfig, MRTControl, _llm_layer_indices
 from mmtune.methods.mrt.layer import LoReFTEdit
 from mmtune.models.architectures import get_architecture, resolve
 from mmtune.models.lmm import LlavaStyleModel, LMMBatch, LMMConfig, load_lmm
 from mmtune.utils.adapter_file import (
-    ParameterCount,
-    count_parameters,
     load_adapter_tensors,
     read_adapter,
     write_adapter,
 )
 
 
-class MRTModel(nn.Module):
+class MRTModel(AdapterModel):
     """A :class:`LlavaStyleModel` with MRT edits; only the edits train."""
+
+    adapter_prefix = "edits."
 
     def __init__(self, base: LlavaStyleModel, config: MRTConfig | None = None):
         super().__init__()
-        self.base = base
+        self.base_model = base
         self.mrt_config = config = config or MRTConfig()
         base.requires_grad_(False)
         tower = base.tower
@@ -113,6 +115,8 @@ class MRTModel(nn.Module):
         return self.edits[name.replace(".", "_")]
 
     def _scale(self, name: str) -> float:
+        if not self.adapter_enabled:  # inside disable_adapter(): the base model alone
+            return 0.0
         return float(self.control.scale) * float(self.control.edit_scales.get(name, 1.0))
 
     def set_control(self, control: MRTControl | None) -> None:
@@ -125,12 +129,9 @@ class MRTModel(nn.Module):
             )
         self.control = control
 
-    def parameter_count(self) -> ParameterCount:
-        return count_parameters(self)
-
     def train(self, mode: bool = True) -> MRTModel:
         super().train(mode)
-        self.base.train(mode)
+        self.base_model.train(mode)
         return self
 
     # -- hooks -----------------------------------------------------------------------------
@@ -146,7 +147,7 @@ class MRTModel(nn.Module):
             if s == 0.0:
                 return out
             edit = self.edit(name)
-            return self.base.tower.edit_block_output(
+            return self.base_model.tower.edit_block_output(
                 out, lambda h: edit(h, self._token_scale(h, name))
             )
 
@@ -205,7 +206,7 @@ class MRTModel(nn.Module):
     @contextmanager
     def edits_at(self, batch: LMMBatch) -> Iterator[None]:
         """Edits active for this batch: LLM edits at its prompt positions."""
-        n = self.base.tower.num_tokens
+        n = self.base_model.tower.num_tokens
         if self.control.visual_tokens is not None:
             bad = [v for v in self.control.visual_tokens if not 0 <= v < n]
             if bad:
@@ -223,53 +224,71 @@ class MRTModel(nn.Module):
     # -- the model's API -------------------------------------------------------------------
     def forward(self, batch: LMMBatch) -> torch.Tensor:
         with self.edits_at(batch):
-            return self.base(batch)
+            return self.base_model(batch)
 
     def loss(self, batch: LMMBatch) -> torch.Tensor:
         with self.edits_at(batch):
-            return self.base.loss(batch)
+            return self.base_model.loss(batch)
 
     def generate(self, batch: LMMBatch, max_new_tokens: int = 8):
         """Greedy generation; the edits act on the prompt during prefill (and on visual tokens)."""
         with self.edits_at(batch):  # the vision/projector edits run inside embed()
-            return self.base.generate(
+            return self.base_model.generate(
                 batch, max_new_tokens, prefill_context=lambda: _prompt_only(self)
             )
 
-    def remove(self) -> LlavaStyleModel:
+    def unload(self) -> LlavaStyleModel:
         """Detach the hooks and return the unmodified base model."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        return self.base
+        return self.base_model
 
     # -- files -----------------------------------------------------------------------------
-    def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """Every edit tensor (parameters and the orthogonal map's buffers), keyed by state_dict."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("edits.")}
-
-    def save_adapter(self, directory: str | Path, base_dir: str | Path | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, base_dir: str | Path | None = None) -> Path:
         """``adapter.safetensors`` + ``adapter_config.json`` (MRTConfig, the base's LMMConfig and
         the stage-1 directory whose projector the edits were trained on, with its hash)."""
         config: dict[str, Any] = {
             "mrt": asdict(self.mrt_config),
-            "lmm": asdict(self.base.config),
+            "lmm": asdict(self.base_model.config),
             "base_dir": None,
-            "base_projector_sha256": projector_digest(self.base),
+            "base_projector_sha256": projector_digest(self.base_model),
         }
         if base_dir is not None:
             config["base_dir"] = str(Path(base_dir).resolve())
         return write_adapter(
             directory,
             method="mrt",
-            tensors=self.adapter_tensors(),
+            tensors=self.adapter_state_dict(),
             config=config,
-            base_model=self.base.llm,
+            base_model=self.base_model.llm,
         )
 
     def load_adapter(self, directory: str | Path) -> None:
+        """Copy the edits saved in ``directory`` into this model (same MRTConfig)."""
         _, tensors = read_adapter(directory, method="mrt")
         load_adapter_tensors(self, tensors, source=str(directory), prefix="edits.")
+
+    @classmethod
+    def from_pretrained(cls, model: LlavaStyleModel, directory: str | Path) -> MRTModel:
+        """The edits saved in ``directory`` on ``model`` (its projector must be the one they
+        were trained on); :func:`load_mrt` also finds the stage-1 base itself."""
+        return load_mrt(directory, base=model)
+
+    @property
+    def base(self) -> LlavaStyleModel:
+        """Deprecated alias of ``base_model`` (removed in mmtune 0.5)."""
+        warnings.warn(
+            "MRTModel.base is deprecated (removed in mmtune 0.5); use base_model",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.base_model
+
+    parameter_count = deprecated_alias("trainable_parameters", "parameter_count")
+    adapter_tensors = deprecated_alias("adapter_state_dict", "adapter_tensors")
+    save_adapter = deprecated_alias("save_pretrained", "save_adapter")
+    remove = deprecated_alias("unload", "remove")
 
 
 @contextmanager

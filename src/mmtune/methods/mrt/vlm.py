@@ -33,11 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmtune.methods.base import AdapterModel
 from mmtune.methods.mrt.config import MRTConfig, _llm_layer_indices
 from mmtune.methods.mrt.layer import LoReFTEdit
 from mmtune.utils.adapter_file import (
-    ParameterCount,
-    count_parameters,
     load_adapter_tensors,
     read_adapter,
     write_adapter,
@@ -104,11 +103,13 @@ def _replace(out: Any, h: torch.Tensor) -> Any:
     return (h, *out[1:]) if isinstance(out, tuple) else h
 
 
-class MRTForVLM(nn.Module):
+class MRTForVLM(AdapterModel):
     """A transformers VLM with MRT edits; only the edits train, the model is untouched.
 
     ``model(**processor_outputs)`` and ``model.generate(**processor_outputs, ...)`` work as on
-    the wrapped model."""
+    the wrapped model; the adapter API is the shared one (:class:`AdapterModel`)."""
+
+    adapter_prefix = "edits."
 
     def __init__(self, model: nn.Module, config: MRTConfig | None = None):
         super().__init__()
@@ -170,14 +171,10 @@ class MRTForVLM(nn.Module):
     def edit(self, name: str) -> LoReFTEdit:
         return self.edits[name.replace(".", "_")]
 
-    def trainable_parameters(self) -> ParameterCount:
-        """Trainable (the edits) and total parameters."""
-        return count_parameters(self)
-
     # -- hooks -----------------------------------------------------------------------------
     def _edit_all(self, name: str):
         def hook(_m, _inp, out):
-            if self.scale == 0.0:
+            if self.scale == 0.0 or not self.adapter_enabled:
                 return out
             return _replace(out, self.edit(name)(_output(out), self.scale))
 
@@ -187,7 +184,8 @@ class MRTForVLM(nn.Module):
         def hook(_m, _inp, out):
             positions = self._positions
             h = _output(out)  # (B, T, d)
-            if positions is None or self.scale == 0.0 or positions.shape != h.shape[:2]:
+            off = self.scale == 0.0 or not self.adapter_enabled
+            if positions is None or off or positions.shape != h.shape[:2]:
                 return out  # a decode step (T = 1 new position) is not a prompt position
             scale = (self.scale * positions.to(h.dtype))[..., None]  # (B, T, 1)
             return _replace(out, h + scale * self.edit(name).delta(h))
@@ -246,10 +244,6 @@ class MRTForVLM(nn.Module):
             return self.base_model.generate(**kwargs)
 
     # -- files -----------------------------------------------------------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every edit tensor, keyed as in ``state_dict`` (``edits.*``)."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("edits.")}
-
     def save_pretrained(self, directory: str | Path) -> Path:
         """``adapter.safetensors`` + ``adapter_config.json`` (method ``mrt-vlm``), atomically."""
         return write_adapter(
