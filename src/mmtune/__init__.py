@@ -12,6 +12,7 @@ from mmtune.encoders import (
     load_vision_encoder,
     register_vision_encoder,
 )
+from mmtune.methods.base import AdapterModel
 from mmtune.methods.concat import (
     ConcatConfig,
     PeftAdapterConfig,
@@ -31,6 +32,7 @@ from mmtune.methods.mrt import (
     load_mrt,
     register_vlm_architecture,
 )
+from mmtune.methods.registry import MethodSpec, get_method, register_method
 from mmtune.models.architectures import (
     ArchitectureSpec,
     register_architecture,
@@ -43,6 +45,7 @@ from mmtune.utils.adapter_file import ParameterCount, count_parameters
 from mmtune.utils.cache import FeatureCache
 
 __all__ = [
+    "AdapterModel",
     "ArchitectureSpec",
     "ConcatConfig",
     "FeatureCache",
@@ -55,6 +58,7 @@ __all__ = [
     "MRTControl",
     "MRTForVLM",
     "MRTModel",
+    "MethodSpec",
     "MiTConfig",
     "MiTLayer",
     "MiTModel",
@@ -72,6 +76,7 @@ __all__ = [
     "build_lmm",
     "count_parameters",
     "encode_images",
+    "get_method",
     "get_task",
     "image_tokens",
     "inject_mit",
@@ -83,6 +88,7 @@ __all__ = [
     "load_vision_encoder",
     "paper_layers",
     "register_architecture",
+    "register_method",
     "register_task",
     "register_vision_encoder",
     "register_vlm_architecture",

@@ -22,8 +22,8 @@ from mmtune.recipes.instruct import (
     TuneConfig,
     _pixels,
     _prompt,
+    generate_answers,
     load_tuned,
-    predict,
     stage1,
     table_report,
     tune,
@@ -79,7 +79,7 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
         items = VQA_BENCHMARKS["digits"](num_samples=20)["test"]
         again = load_tuned(out / "adapter")
         base = getattr(again, "base_model", again)
-        preds = predict(
+        preds = generate_answers(
             again,
             [_prompt(it) for it in items],
             _pixels(base, items),

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "DataSplits",
     "SafeUnpickler",
+    "TaskDataset",
     "check_options",
     "load_pickle",
     "read_jsonl",
@@ -171,6 +172,29 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, record
 
 
+class TaskDataset(Dataset):
+    """The one Dataset protocol every loader's splits follow.
+
+    ``ds[i]`` is the whole item (the image decoded, where there is one); the three methods
+    below let training work from the frozen features without decoding images again."""
+
+    def metadata(self, i: int) -> dict[str, Any]:
+        """Item ``i`` without decoding its image (for ``mmtune data inspect``)."""
+        return {k: v for k, v in self[i].items() if k != "image"}
+
+    def image_source(self, i: int) -> Any:
+        """What the frozen vision encoder reads for item ``i``: a path or an (H, W, 3) array."""
+        return self[i]["image"]
+
+    def scoring_item(self, i: int) -> dict[str, Any]:
+        """Item ``i`` as training and scoring need it once the image is encoded: every field
+        but the decoded image (a mask is kept: it is what segmentation is scored against)."""
+        return {k: v for k, v in self.metadata(i).items() if k != "image"}
+
+    def check_image_sizes(self) -> None:
+        """Refuse images whose size differs from what the annotations say (no-op by default)."""
+
+
 @dataclass
 class DataSplits:
     """The splits of one data set, by name, plus what the task needs to know about it."""
@@ -179,7 +203,7 @@ class DataSplits:
     """Format and data set, e.g. ``refcoco (unc)``."""
     task: str
     """``segmentation``, ``classification`` or ``sentiment``."""
-    splits: dict[str, Dataset]
+    splits: dict[str, TaskDataset]
     """Split name -> dataset; each item is a dict (see the loader)."""
     label_names: list[str] = field(default_factory=list)
     """Class names, index = label (classification only)."""

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from mmtune.data.base import DataSplits, read_jsonl, require_file
+from mmtune.data.base import DataSplits, TaskDataset, read_jsonl, require_file
 from mmtune.encoders.images import to_rgb_array
 
 __all__ = ["SNLI_VE_LABELS", "ImageTextDataset", "load_food101", "load_snli_ve"]
@@ -31,7 +30,7 @@ __all__ = ["SNLI_VE_LABELS", "ImageTextDataset", "load_food101", "load_snli_ve"]
 SNLI_VE_LABELS = ["entailment", "neutral", "contradiction"]
 
 
-class ImageTextDataset(Dataset):
+class ImageTextDataset(TaskDataset):
     """Items: image (H, W, 3 uint8; decoded on access), image_path, text, label (int), id."""
 
     def __init__(self, records: list[dict[str, Any]]):
@@ -43,6 +42,9 @@ class ImageTextDataset(Dataset):
     def metadata(self, i: int) -> dict[str, Any]:
         """The record without decoding its image."""
         return dict(self.records[i])
+
+    def image_source(self, i: int) -> Path:
+        return self.records[i]["image_path"]  # decoded from its file by the encoder
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.records[i]

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from mmtune.data.base import DataSplits
+from mmtune.data.base import DataSplits, TaskDataset
 from mmtune.data.classification import SNLI_VE_LABELS
 
 __all__ = ["MINI_BENCHMARKS", "ListDataset", "digits_ve", "movie_sentiment", "shapes_ref"]
@@ -44,7 +43,7 @@ COLOURS = {
 SHAPES = ("square", "circle", "triangle")
 
 
-class ListDataset(Dataset):
+class ListDataset(TaskDataset):
     """Items held in memory."""
 
     def __init__(self, items: list[dict[str, Any]]):

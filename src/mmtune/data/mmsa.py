@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from mmtune.data.base import DataSplits, load_pickle, require_fields
+from mmtune.data.base import DataSplits, TaskDataset, load_pickle, require_fields
 
 __all__ = ["MMSA_WIDTHS", "SentimentDataset", "load_mmsa"]
 
@@ -35,7 +34,7 @@ FIELDS = (
 )
 
 
-class SentimentDataset(Dataset):
+class SentimentDataset(TaskDataset):
     """Items: text, audio (T_a, d_a), vision (T_v, d_v), their lengths, label (float), id."""
 
     def __init__(self, split: dict[str, Any]):
@@ -46,6 +45,9 @@ class SentimentDataset(Dataset):
 
     def metadata(self, i: int) -> dict[str, Any]:
         return self[i]
+
+    def image_source(self, i: int) -> Any:
+        raise ValueError("sentiment data holds frames, not images")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         d = self.data

@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from torch.utils.data import Dataset
 
-from mmtune.data.base import DataSplits, load_pickle, require_fields, require_file
+from mmtune.data.base import DataSplits, TaskDataset, load_pickle, require_fields, require_file
 from mmtune.encoders.images import to_rgb_array
 
 __all__ = ["RefCOCODataset", "annotation_mask", "load_refcoco"]
@@ -61,7 +60,7 @@ def annotation_mask(segmentation: Any, height: int, width: int, where: str = "an
     return mask
 
 
-class RefCOCODataset(Dataset):
+class RefCOCODataset(TaskDataset):
     """Samples of one split. Items: image (H, W, 3 uint8), mask (H, W bool), expression, ids."""
 
     def __init__(
@@ -108,6 +107,12 @@ class RefCOCODataset(Dataset):
         return annotation_mask(
             ann["segmentation"], info["height"], info["width"], where=f"annotation {s['ann_id']}"
         )
+
+    def image_source(self, i: int) -> Path:
+        return self.image_path(i)
+
+    def scoring_item(self, i: int) -> dict[str, Any]:
+        return {**self.samples[i], "mask": self.mask(i)}  # the mask needs only the annotation
 
     def metadata(self, i: int) -> dict[str, Any]:
         """The sample without decoding its image (the mask needs only the annotation)."""

@@ -1,13 +1,13 @@
-"""Tuning methods. Each method registers its injector here (one registration point)."""
+"""Tuning methods: the Method registry (:mod:`mmtune.methods.registry`), the adapter API they
+share (:mod:`mmtune.methods.base`), MiT, MRT (``mrt/``), token concatenation and PEFT."""
 
-from collections.abc import Callable
+from mmtune.methods.base import AdapterModel
+from mmtune.methods.registry import (
+    PEFT_KINDS,
+    MethodSpec,
+    get_method,
+    methods,
+    register_method,
+)
 
-from torch import nn
-
-from mmtune.methods.mit import MiTConfig, MiTModel, inject_mit
-
-METHODS: dict[str, tuple[type, Callable[..., nn.Module]]] = {
-    "mit": (MiTConfig, inject_mit),
-}
-
-__all__ = ["METHODS", "MiTConfig", "MiTModel", "inject_mit"]
+__all__ = ["PEFT_KINDS", "AdapterModel", "MethodSpec", "get_method", "methods", "register_method"]

@@ -50,7 +50,7 @@ __all__ = [
     "TableConfig",
     "TuneConfig",
     "answer",
-    "predict",
+    "generate_answers",
     "stage1",
     "tune",
     "vqa_table",
@@ -294,7 +294,7 @@ def fit(
 
 
 @torch.no_grad()
-def predict(
+def generate_answers(
     model: LlavaStyleModel | MRTModel,
     prompts: list[str],
     pixels: list[torch.Tensor],
@@ -337,6 +337,19 @@ def answer(
     with torch.no_grad():
         tokens, _ = model.generate(batch, max_new_tokens)
     return base.decode(tokens)[0]
+
+
+def predict(*args: Any, **kwargs: Any) -> list[str]:
+    """Deprecated name of :func:`generate_answers` (removed in mmtune 0.5)."""
+    import warnings
+
+    warnings.warn(
+        "mmtune.recipes.instruct.predict is deprecated (removed in mmtune 0.5); use "
+        "generate_answers",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return generate_answers(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -568,7 +581,7 @@ def tune(
     for split in ("val", "test"):
         items = data[split]
         start = time.perf_counter()
-        preds = predict(
+        preds = generate_answers(
             model,
             [_prompt(it) for it in items],
             pixels[split],
@@ -867,7 +880,7 @@ def evaluate_adapter(
     elif control is not None and control != MRTControl():
         raise ValueError(f"{adapter}: control applies to MRT adapters only")
     items = data[split]
-    preds = predict(
+    preds = generate_answers(
         model,
         [_prompt(it) for it in items],
         _pixels(model.base_model if isinstance(model, MRTModel) else model, items),

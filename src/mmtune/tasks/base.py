@@ -52,6 +52,10 @@ class Task:
     """The head reads the encoder's feature maps too (not only the pooled vector)."""
     keeps_predictions: ClassVar[bool] = False
     """The test rows keep each prediction for the pictures (masks)."""
+    hub_tags: ClassVar[tuple[str, ...]] = ()
+    """Tags of a run adapter's model card on the Hub."""
+    pipeline_tag: ClassVar[str] = ""
+    """The Hub's pipeline tag for the card."""
 
     @property
     def lower_is_better(self) -> bool:

@@ -28,6 +28,8 @@ class ClassificationTask(Task):
     headline = "accuracy"
     metric_names = ("accuracy", "f1_macro", "f1_weighted")
     reads_image = True
+    hub_tags = ("image-text-classification", "visual-entailment")
+    pipeline_tag = "zero-shot-image-classification"
 
     def row(self, output, batch, r, keep):
         return {"pred": int(output["prediction"][r]), "label": int(batch["label"][r])}
@@ -51,6 +53,8 @@ class SegmentationTask(Task):
     reads_image = True
     needs_feature_maps = True
     keeps_predictions = True
+    hub_tags = ("referring-segmentation", "image-segmentation")
+    pipeline_tag = "image-segmentation"
 
     def row(self, output, batch, r, keep):
         truth = batch["original_masks"][r]
@@ -103,6 +107,8 @@ class SentimentTask(Task):
         "acc7",
         "acc5",
     )
+    hub_tags = ("multimodal-sentiment-analysis", "regression")
+    pipeline_tag = "text-classification"
 
     def row(self, output, batch, r, keep):
         return {"pred": float(output["prediction"][r]), "label": float(batch["label"][r])}

@@ -30,7 +30,9 @@ from mmtune._version import __version__
 from mmtune.methods.concat import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, load_peft_format
 from mmtune.methods.concat import save_peft_format as _save_peft
 from mmtune.methods.mit import MiTModel
+from mmtune.methods.registry import get_method
 from mmtune.models.llm import EMBEDDED_LLMS
+from mmtune.tasks import get_task
 from mmtune.utils.adapter_file import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -66,12 +68,6 @@ TASK_WEIGHTS = "task.safetensors"
 CARD = "README.md"
 RUN_ADAPTER_FORMAT = "mmtune-run-adapter/1"
 _LLM_PREFIXES = ("llm.", "decoder_backbone.")  # the two names TaskModel has for the LLM
-
-_TAGS = {
-    "segmentation": ["referring-segmentation", "image-segmentation"],
-    "classification": ["image-text-classification", "visual-entailment"],
-    "sentiment": ["multimodal-sentiment-analysis", "regression"],
-}
 
 
 def _peft_kind(config: dict[str, Any]) -> str | None:
@@ -242,24 +238,18 @@ def model_card(
     head = {
         "library_name": "mmtune",
         "base_model": frozen["llm_hub_id"],
-        "tags": ["mmtune", method.replace("+", "-"), "multimodal", *_TAGS.get(task, [])],
+        "tags": ["mmtune", method.replace("+", "-"), "multimodal", *get_task(task).hub_tags],
         "datasets": [dataset],
-        "pipeline_tag": {
-            "segmentation": "image-segmentation",
-            "sentiment": "text-classification",
-        }.get(task, "zero-shot-image-classification"),
+        "pipeline_tag": get_task(task).pipeline_tag,
     }
     if frozen.get("vision"):
         head["tags"].append(f"vision-encoder:{frozen['vision']}")
-    about = {
-        "mit": "MiT (multimodal infusion tuning): learned maps of the modality vector I rescale "
-        "and shift keys, values and feed-forward activations of the last layers of the frozen "
-        "LLM, with a per-head gate; no extra tokens.",
-        "text": "text only: the modality does not reach the frozen LLM (a baseline).",
-        "concat": "token concatenation: projected modality tokens before the text (LLaVA style).",
-        "concat+lora": "token concatenation plus LoRA adapters in the frozen LLM (PEFT).",
-        "concat+ia3": "token concatenation plus IA3 adapters in the frozen LLM (PEFT).",
-    }[method]
+    peft = _peft_kind(config)
+    about = get_method(method.split("+")[0]).summary + (
+        f" Here with {peft.upper() if peft == 'ia3' else 'LoRA'} adapters in the frozen LLM (PEFT)."
+        if peft
+        else ""
+    )
     metrics = results.get("metrics", {})
     conventions = results.get("conventions", {})
     rel = results.get("reliance") or {}
@@ -322,7 +312,7 @@ def model_card(
         "config, spec, model = load_run('path/to/adapter')   # the whole task model",
         "```",
     ]
-    if method == "mit":
+    if get_method(method.split("+")[0]).reads == "vector":  # MiT: the infusion alone
         lines += [
             "",
             "The infusion alone, on a base model you load yourself:",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmtune.data import load_dataset
-from mmtune.data.base import DataSplits, check_options
+from mmtune.data.base import DataSplits, TaskDataset, check_options
 from mmtune.data.mini import MINI_BENCHMARKS
 from mmtune.encoders.vision import encode_images, load_vision_encoder
 from mmtune.methods.concat import inject_peft
@@ -52,25 +52,16 @@ def _check_ids(name: str, split: str, items: list[dict[str, Any]]) -> None:
         seen[sid] = i
 
 
-def split_images(split: Any) -> list[Any]:
-    if hasattr(split, "image_path"):  # RefCOCO
-        return [split.image_path(i) for i in range(len(split))]
-    if hasattr(split, "records"):  # image-text records: decode from their files
-        return [r["image_path"] for r in split.records]
-    return [split[i]["image"] for i in range(len(split))]
+def split_images(split: TaskDataset) -> list[Any]:
+    """What the frozen encoder reads for every item of ``split`` (paths or arrays)."""
+    return [split.image_source(i) for i in range(len(split))]
 
 
-def light_items(split: Any) -> list[dict[str, Any]]:
+def light_items(split: TaskDataset) -> list[dict[str, Any]]:
     """Every item without its decoded image (the frozen features stand in for it)."""
     out = []
     for i in range(len(split)):
-        if hasattr(split, "samples"):  # RefCOCO: the mask needs only the annotation
-            item = {**split.samples[i], "mask": split.mask(i)}
-        elif hasattr(split, "metadata"):
-            item = dict(split.metadata(i))
-        else:
-            item = dict(split[i])
-        item.pop("image", None)
+        item = split.scoring_item(i)
         item.setdefault("id", f"{i}")
         out.append(item)
     return out
@@ -126,8 +117,7 @@ def build(
         start = time.perf_counter()
         hits = []
         for name, split in data.splits.items():
-            if hasattr(split, "check_image_sizes"):  # RefCOCO: masks are scored at that size
-                split.check_image_sizes()
+            split.check_image_sizes()  # RefCOCO: masks are scored at that size
             feats = encode_images(
                 encoder,
                 split_images(split),
@@ -203,7 +193,8 @@ def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer
     """The task model from a run's config and its data-derived spec (saved as final/spec.json)."""
     d_modality = spec["d_modality"]
     method = cfg.method
-    if method != "mit":
+    reads = get_method(method).reads  # vector: MiT; tokens: concat; nothing: text only
+    if reads != "vector":
         wrapped: nn.Module = llm
         llm.requires_grad_(False)
         if cfg.peft != "none":
@@ -236,6 +227,6 @@ def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer
     if cfg.cache_lower_layers and lower_ok:
         if isinstance(wrapped, MiTModel) and min(wrapped.layer_ids) > 1:
             model.lower_cache = LowerLayerCache(min(wrapped.layer_ids))
-        elif method == "text" or (method == "mit" and not d_modality):  # the whole LLM is frozen
+        elif reads == "nothing" or (reads == "vector" and not d_modality):  # all frozen
             model.lower_cache = LowerLayerCache(wrapped.config.num_hidden_layers + 1)
     return model
