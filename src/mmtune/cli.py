@@ -19,9 +19,10 @@ from mmtune.methods.mit import MiTConfig
 from mmtune.methods.mrt import MRTConfig
 from mmtune.recipes.bench import BenchConfig
 from mmtune.recipes.compare import CompareConfig
-from mmtune.recipes.instruct import Stage1Config, TableConfig, TuneConfig
+from mmtune.recipes.instruct import Stage1Config, TuneConfig
 from mmtune.recipes.smoke import SmokeDemoConfig, run_smoke_demo
 from mmtune.recipes.train import TrainConfig, load_train_config
+from mmtune.recipes.vqa_table import TableConfig
 from mmtune.utils.io import atomic_write
 from mmtune.utils.progress import Progress
 
@@ -593,7 +594,8 @@ def lmm_table(cfg: TableConfig, stage1_settings: dict | None, report_only: bool)
     import dataclasses
     import warnings
 
-    from mmtune.recipes.instruct import Stage1Config, table_report, vqa_table
+    from mmtune.recipes.instruct import Stage1Config
+    from mmtune.recipes.vqa_table import table_report, vqa_table
 
     output_dir = cfg.output_dir
     if stage1_settings is not None:
@@ -738,7 +740,7 @@ def lmm_params(
         vision: clip-vit-l-14-336 (LLaVA-1.5's tower) or mobilenet-v2 (the embedded one).
         mrt: the MRT config.
     """
-    from mmtune.recipes.instruct import mrt_share
+    from mmtune.methods.mrt.params import mrt_share
 
     print(json.dumps(mrt_share(llm, vision, mrt), indent=2))
 

@@ -14,8 +14,10 @@ from mmtune import LMMConfig, LoReFTEdit, MRTConfig, MRTControl, MRTModel, injec
 from mmtune.encoders.images import ImagePreprocess
 from mmtune.encoders.mobilenet import MobileNetV2Encoder
 from mmtune.methods.mrt import mrt_trainable
+from mmtune.methods.mrt.params import mrt_share
 from mmtune.models.lmm import LlavaStyleModel, VisualTokens, build_lmm, load_lmm
-from mmtune.recipes.instruct import VISION_SHAPES, fit, mrt_share
+from mmtune.models.shapes import VISION_SHAPES
+from mmtune.recipes.instruct import fit
 
 PROMPTS = [
     "<image> which digit is shown ?",

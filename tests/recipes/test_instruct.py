@@ -18,17 +18,15 @@ from mmtune.models.lmm import LMMConfig, load_lmm
 from mmtune.recipes.instruct import (
     METHODS,
     Stage1Config,
-    TableConfig,
     TuneConfig,
     _pixels,
     _prompt,
     generate_answers,
     load_tuned,
     stage1,
-    table_report,
     tune,
-    vqa_table,
 )
+from mmtune.recipes.vqa_table import TableConfig, table_report, vqa_table
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-__all__ = ["SHAPES", "meta_model", "shape_config"]
+__all__ = ["MOBILENET_V2_BLOCK_WIDTHS", "SHAPES", "VISION_SHAPES", "meta_model", "shape_config"]
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-2-7b": {
@@ -69,3 +69,39 @@ def meta_model(config: PretrainedConfig) -> torch.nn.Module:
     """Build the model of ``config`` on the meta device: shapes only, no memory, no weights."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+VISION_SHAPES: dict[str, dict[str, Any]] = {
+    # CLIP ViT-L/14-336: LLaVA-1.5's tower (24 layers, width 1024, 577 tokens)
+    "clip-vit-l-14-336": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+    },
+}
+
+# Output channels of the embedded MobileNetV2's 19 feature blocks (what MRT's vision edits see).
+MOBILENET_V2_BLOCK_WIDTHS = [
+    32,
+    16,
+    24,
+    24,
+    32,
+    32,
+    32,
+    64,
+    64,
+    64,
+    64,
+    96,
+    96,
+    96,
+    160,
+    160,
+    160,
+    320,
+    1280,
+]

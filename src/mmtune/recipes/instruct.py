@@ -6,14 +6,12 @@
   ``method``: ``mrt`` (representation edits), ``projector`` (the projector alone, continued from
   stage 1), ``lora`` (PEFT LoRA on the LLM) or ``zero-shot`` (the stage-1 model, no tuning).
   Test exact match is scored on greedy generations.
-- :func:`vqa_table`: every method x benchmark x seed, resumable, written to
-  ``benchmarks/results/vqa``.
+- the VQA table over all of them is :mod:`mmtune.recipes.vqa_table`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -33,9 +31,8 @@ from mmtune.methods.concat import (
     load_peft_format,
     save_peft_format,
 )
-from mmtune.methods.mrt import MRTConfig, MRTControl, MRTModel, load_mrt, mrt_trainable
+from mmtune.methods.mrt import MRTConfig, MRTControl, MRTModel, load_mrt
 from mmtune.models.lmm import LlavaStyleModel, LMMConfig, build_lmm, load_lmm
-from mmtune.reporting.tables import format_mean_std, mean_std
 from mmtune.training import checkpoint as ckpt
 from mmtune.training import loop
 from mmtune.training.adapter import front_matter, hub_id
@@ -47,13 +44,11 @@ from mmtune.utils.progress import Progress, tracked
 
 __all__ = [
     "Stage1Config",
-    "TableConfig",
     "TuneConfig",
     "answer",
     "generate_answers",
     "stage1",
     "tune",
-    "vqa_table",
 ]
 
 Method = Literal["mrt", "projector", "lora", "zero-shot"]
@@ -624,148 +619,6 @@ def tune(
     return results
 
 
-# ----------------------------------------------------------------------------- the table
-
-
-@dataclass
-class TableConfig:
-    """The VQA table: methods x benchmarks x seeds on one stage-1 base."""
-
-    base: Path = Path("runs/lmm/stage1")
-    """Stage-1 directory (built with ``stage1`` settings below when missing)."""
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    """How the base is built when ``base`` does not exist yet."""
-    benchmarks: list[str] = field(default_factory=lambda: ["digits", "shapes"])
-    """VQA mini-benchmarks."""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """Methods (zero-shot is evaluated once: it has no seed)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Seeds of the tuned methods."""
-    epochs: int = 2
-    """Passes over each train split (every method)."""
-    num_samples: int = 400
-    """Items per benchmark."""
-    batch_size: int = 8
-    """Samples per step (every method)."""
-    mrt: MRTConfig = field(default_factory=MRTConfig)
-    """MRT edits."""
-    output_dir: Path = Path("benchmarks/results/vqa")
-    """runs/<benchmark>/<method>/seed<S>/results.json, vqa.json, vqa.md."""
-    threads: int | None = None
-    """torch CPU threads."""
-    save_adapters: bool = False
-    """Also keep each run's trained tensors (``runs/.../adapter``)."""
-
-    def __post_init__(self) -> None:
-        _check_benchmarks(self.benchmarks, "TableConfig.benchmarks")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"TableConfig.methods: {bad} not among {METHODS}")
-        self.base, self.output_dir = Path(self.base), Path(self.output_dir)
-
-
-def vqa_table(cfg: TableConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every missing cell (finished ones are reused), then write vqa.json / vqa.md."""
-    log = log or (lambda _line: None)
-    if not (cfg.base / "adapter_config.json").is_file():
-        log(f"stage 1 -> {cfg.base}")
-        stage1(Stage1Config(**{**vars(cfg.stage1), "output_dir": cfg.base}))
-    for bench in cfg.benchmarks:
-        for method in cfg.methods:
-            for seed in [0] if method == "zero-shot" else cfg.seeds:
-                out = cfg.output_dir / "runs" / bench / method / f"seed{seed}"
-                if (out / "results.json").is_file():
-                    continue
-                lock = _claim(out)
-                if lock is None:  # another `lmm table` process is running this cell
-                    log(f"skip  {bench} / {method} / seed {seed}: {out / '.running'} exists")
-                    continue
-                log(f"start {bench} / {method} / seed {seed}")
-                try:
-                    r = tune(
-                        TuneConfig(
-                            benchmark=bench,
-                            method=method,  # type: ignore[arg-type]
-                            base=cfg.base,
-                            mrt=cfg.mrt,
-                            num_samples=cfg.num_samples,
-                            epochs=cfg.epochs,
-                            batch_size=cfg.batch_size,
-                            seed=seed,
-                            output_dir=out,
-                            save_adapter=cfg.save_adapters,
-                            checkpoint=False,
-                            threads=cfg.threads,
-                        )
-                    )
-                finally:
-                    lock.unlink(missing_ok=True)
-                log(
-                    f"done  {bench} / {method} / seed {seed}: test exact match "
-                    f"{r['test']['exact_match']:.3f} ({r['train_seconds']:.0f} s)"
-                )
-    return table_report(cfg.output_dir)
-
-
-def _claim(out: Path) -> Path | None:
-    """Create ``out/.running`` exclusively; None when another process holds it.
-
-    Lets several ``lmm table`` processes share one grid. A process killed mid-cell leaves the
-    file behind: delete it to run that cell again.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / ".running"
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return None
-    return lock
-
-
-def table_report(root: Path | str) -> dict[str, Any]:
-    """Aggregate runs/*/*/seed*/results.json into vqa.json and vqa.md (mean ± std over seeds)."""
-    root = Path(root)
-    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for path in sorted(root.glob("runs/*/*/seed*/results.json")):
-        r = json.loads(path.read_text())
-        rows.setdefault((r["benchmark"], r["method"]), []).append(r)
-    if not rows:
-        raise FileNotFoundError(f"{root}/runs: no results.json yet")
-    table = []
-    for (bench, method), rs in sorted(
-        rows.items(), key=lambda kv: (kv[0][0], METHODS.index(kv[0][1]))
-    ):
-        table.append(
-            {
-                "benchmark": bench,
-                "method": method,
-                "seeds": [r["seed"] for r in rs],
-                "test_exact_match": mean_std([r["test"]["exact_match"] for r in rs]),
-                "val_exact_match": mean_std([r["val"]["exact_match"] for r in rs]),
-                "train_seconds": mean_std([r["train_seconds"] for r in rs]),
-                "trainable": rs[0]["params"]["trainable"],
-                "total": rs[0]["params"]["total"],
-                "share": rs[0]["params"]["share"],
-                "lr": rs[0]["lr"],
-            }
-        )
-    _write_json(root / "vqa.json", {"rows": table, "metric": "test exact match"})
-    lines = [
-        "| benchmark | method | test exact match | trainable params | share | train s | seeds |",
-        "|---|---|---|---:|---:|---:|---|",
-    ]
-    for row in table:
-        em = row["test_exact_match"]
-        lines.append(
-            f"| {row['benchmark']} | {row['method']} | {format_mean_std(em)} | "
-            f"{row['trainable']:,} | {100 * row['share']:.4f}% | "
-            f"{row['train_seconds']['mean']:.0f} | {len(row['seeds'])} |"
-        )
-    with atomic_write(root / "vqa.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    return {"rows": table}
-
-
 def load_for_generation(adapter: Path | None, base: Path | None) -> LlavaStyleModel | MRTModel:
     """A ``lmm tune`` adapter directory (:func:`load_tuned`) or a stage-1 directory."""
     if adapter is not None:
@@ -775,86 +628,6 @@ def load_for_generation(adapter: Path | None, base: Path | None) -> LlavaStyleMo
             "give --adapter (an MRT adapter directory) or --base (a stage-1 directory)"
         )
     return load_lmm(base).eval()
-
-
-VISION_SHAPES: dict[str, dict[str, Any]] = {
-    # CLIP ViT-L/14-336: LLaVA-1.5's tower (24 layers, width 1024, 577 tokens)
-    "clip-vit-l-14-336": {
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "image_size": 336,
-        "patch_size": 14,
-    },
-}
-
-_MOBILENET_WIDTHS = [
-    32,
-    16,
-    24,
-    24,
-    32,
-    32,
-    32,
-    64,
-    64,
-    64,
-    64,
-    96,
-    96,
-    96,
-    160,
-    160,
-    160,
-    320,
-    1280,
-]
-
-
-def mrt_share(
-    llm: str,
-    vision: str,
-    mrt: MRTConfig,
-    vision_shapes: dict[str, dict[str, Any]] | None = None,
-    projector: str = "mlp",
-) -> dict[str, Any]:
-    """MRT's tunable parameters and share on a LLaVA-style shape, built on the meta device."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from mmtune.encoders.mobilenet import MobileNetV2
-    from mmtune.models.shapes import meta_model, shape_config
-
-    vision_shapes = VISION_SHAPES if vision_shapes is None else vision_shapes
-    lm = meta_model(shape_config(llm))
-    d_model, depth = lm.config.hidden_size, lm.config.num_hidden_layers
-    if vision == "mobilenet-v2":
-        with torch.device("meta"):
-            tower = MobileNetV2()
-        widths, c_tokens = _MOBILENET_WIDTHS, 1280
-    elif vision in vision_shapes:
-        with torch.device("meta"):
-            tower = CLIPVisionModel(CLIPVisionConfig(**vision_shapes[vision]))
-        c_tokens = vision_shapes[vision]["hidden_size"]
-        widths = [c_tokens] * vision_shapes[vision]["num_hidden_layers"]
-    else:
-        raise ValueError(
-            f"vision shape {vision!r}: use mobilenet-v2 or one of {sorted(vision_shapes)}"
-        )
-    n_proj = c_tokens * d_model + d_model
-    if projector == "mlp":
-        n_proj += d_model * d_model + d_model
-    edits = mrt_trainable(mrt, d_model=d_model, num_llm_layers=depth, vision_widths=widths)
-    n_llm, n_vision = count_parameters(lm).total, count_parameters(tower).total
-    total = n_llm + n_vision + n_proj + edits["total"]
-    return {
-        "llm": llm,
-        "vision": vision,
-        "params": {"llm": n_llm, "vision": n_vision, "projector": n_proj, "all": total},
-        "mrt_edits": edits,
-        "share_of_all": edits["total"] / total,
-        "share_of_llm": edits["total"] / n_llm,
-    }
 
 
 def evaluate_adapter(

@@ -144,6 +144,78 @@ def _check_tracker(name: str) -> None:
         raise ValueError(f"report_to: {name} needs the {name} package (pip install {name})")
 
 
+def _score_and_report(
+    cfg: TrainConfig,
+    accelerator: Any,
+    model: Any,
+    module: TaskModel,
+    splits: dict[str, FeaturedSplit],
+    info: dict[str, Any],
+    fitted: Any,
+    progress: Progress | None,
+    start: float,
+) -> dict[str, Any]:
+    """The test split's metrics and reliance, and the results dict (``_test``: the raw rows)."""
+    task = module.task
+    history, first_epoch = fitted.history, fitted.first_epoch
+    train_seconds, world = fitted.train_seconds, accelerator.num_processes
+    test = evaluate_split(
+        model,
+        splits[cfg.task.test_split],
+        accelerator,
+        cfg.optim.eval_batch_size,
+        with_predictions=get_task(task).keeps_predictions,
+        progress=progress,
+        stage=f"eval {cfg.task.test_split}",
+    )
+    headline = {headline_metric(task): test["metrics"][headline_metric(task)]}
+    relies = reliance(
+        model,
+        splits[cfg.task.test_split],
+        accelerator,
+        cfg.optim.eval_batch_size,
+        headline,
+        progress=progress,
+    )
+    infusion = module.llm.trainable_parameters() if isinstance(module.llm, MiTModel) else None
+    n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in module.parameters())
+    results = {
+        "task": task,
+        "data": {  # the standardisation statistics live in final/spec.json
+            **info,
+            "model": {k: v for k, v in info["model"].items() if k != "modality_stats"},
+        },
+        "test_split": cfg.task.test_split,
+        "metrics": test["metrics"],
+        "conventions": test["conventions"],
+        "headline": headline,
+        "reliance": relies,
+        "history": history["epochs"],
+        "parameters": {
+            "trainable": n_train,
+            "total": n_total,
+            "share": n_train / n_total,
+            "infusion": infusion.trainable if infusion else 0,
+        },
+        "lower_layer_cache": None
+        if module.lower_cache is None
+        else {
+            "first_infused_layer": module.lower_cache.first_layer,
+            "bytes": module.lower_cache.nbytes,
+            "filled": "during the first epoch and each split's first evaluation (no extra pass)",
+            **_cache_saving(history["epochs"], first_epoch),
+        },
+        "processes": world,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "versions": _versions(),
+        "config": asdict(cfg),
+    }
+    results["_test"] = test
+    return results
+
+
 def train(cfg: TrainConfig, progress: Progress | bool | None = None) -> dict[str, Any]:
     """Train, checkpoint every epoch, evaluate on the test split; returns the results dict.
 
@@ -260,62 +332,11 @@ def _train(
         stage=f"{cfg.task.data} epoch",
         log=logging,
     )
-    model, history, first_epoch = fitted.model, fitted.history, fitted.first_epoch
-    train_seconds, world = fitted.train_seconds, accelerator.num_processes
-
-    test = evaluate_split(
-        model,
-        splits[cfg.task.test_split],
-        accelerator,
-        cfg.optim.eval_batch_size,
-        with_predictions=get_task(task).keeps_predictions,
-        progress=progress,
-        stage=f"eval {cfg.task.test_split}",
+    model, history = fitted.model, fitted.history
+    results = _score_and_report(
+        cfg, accelerator, model, module, splits, info, fitted, progress, start
     )
-    headline = {headline_metric(task): test["metrics"][headline_metric(task)]}
-    relies = reliance(
-        model,
-        splits[cfg.task.test_split],
-        accelerator,
-        cfg.optim.eval_batch_size,
-        headline,
-        progress=progress,
-    )
-    infusion = module.llm.trainable_parameters() if isinstance(module.llm, MiTModel) else None
-    n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in module.parameters())
-    results = {
-        "task": task,
-        "data": {  # the standardisation statistics live in final/spec.json
-            **info,
-            "model": {k: v for k, v in info["model"].items() if k != "modality_stats"},
-        },
-        "test_split": cfg.task.test_split,
-        "metrics": test["metrics"],
-        "conventions": test["conventions"],
-        "headline": headline,
-        "reliance": relies,
-        "history": history["epochs"],
-        "parameters": {
-            "trainable": n_train,
-            "total": n_total,
-            "share": n_train / n_total,
-            "infusion": infusion.trainable if infusion else 0,
-        },
-        "lower_layer_cache": None
-        if module.lower_cache is None
-        else {
-            "first_infused_layer": module.lower_cache.first_layer,
-            "bytes": module.lower_cache.nbytes,
-            "filled": "during the first epoch and each split's first evaluation (no extra pass)",
-            **_cache_saving(history["epochs"], first_epoch),
-        },
-        "processes": world,
-        "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - start,
-        "versions": _versions(),
-        "config": asdict(cfg),
-    }
+    test = results.pop("_test")
     for tracker in accelerator.trackers:  # not end_training(): it ends the process group too
         tracker.finish()
     if accelerator.is_main_process:

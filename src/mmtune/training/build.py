@@ -78,6 +78,51 @@ class FeaturedSplit(torch.utils.data.Dataset):
         return {**self.items[i], **{k: v[i] for k, v in self.features.items()}}
 
 
+def _image_splits(
+    cfg: TrainConfig, data: DataSplits, progress: Progress | None
+) -> tuple[dict[str, FeaturedSplit], dict[str, Any], dict[str, Any]]:
+    """Every split's frozen image features (cached on disk when asked), the spec entries the
+    encoder decides, and what the encoding cost."""
+    kind = get_task(data.task)
+    splits: dict[str, FeaturedSplit] = {}
+    encoder = load_vision_encoder(cfg.model.vision)
+    if cfg.model.image_size:
+        size = cfg.model.image_size
+        encoder.preprocess = dataclasses.replace(
+            encoder.preprocess, size=size, resize=max(size, round(size * 256 / 224))
+        )
+    if kind.needs_feature_maps:  # the whole image, squashed: masks map back to every pixel
+        encoder.preprocess = dataclasses.replace(encoder.preprocess, resize=None)
+    cache = FeatureCache() if cfg.feature_cache else None
+    start = time.perf_counter()
+    hits = []
+    for name, split in data.splits.items():
+        split.check_image_sizes()  # RefCOCO: masks are scored at that size
+        feats = encode_images(
+            encoder,
+            split_images(split),
+            levels=kind.needs_feature_maps or get_method(cfg.method).needs_feature_maps,
+            cache=cache,
+            name=f"{cfg.task.data}-{name}".replace("/", "_"),
+            progress=progress,
+        )
+        hits.append(bool(cache and cache.last_hit))
+        splits[name] = FeaturedSplit(light_items(split), feats)
+    features = {
+        "encoder": encoder.cache_id,
+        "seconds": time.perf_counter() - start,
+        "cache_hits": hits,
+    }
+    extra = {
+        "preprocess": encoder.preprocess.to_dict(),
+        "d_image": encoder.d_global,
+        "level_channels": encoder.level_channels,
+        "num_classes": len(data.label_names),
+        "pixel_size": encoder.preprocess.size,
+    }
+    return splits, extra, features
+
+
 def build(
     cfg: TrainConfig, progress: Progress | None = None
 ) -> tuple[TaskModel, dict[str, FeaturedSplit], DataSplits, dict[str, Any]]:
@@ -105,43 +150,8 @@ def build(
     extra: dict[str, Any] = {}
     kind = get_task(task)
     if kind.reads_image:
-        encoder = load_vision_encoder(cfg.model.vision)
-        if cfg.model.image_size:
-            size = cfg.model.image_size
-            encoder.preprocess = dataclasses.replace(
-                encoder.preprocess, size=size, resize=max(size, round(size * 256 / 224))
-            )
-        if kind.needs_feature_maps:  # the whole image, squashed: masks map back to every pixel
-            encoder.preprocess = dataclasses.replace(encoder.preprocess, resize=None)
-        cache = FeatureCache() if cfg.feature_cache else None
-        start = time.perf_counter()
-        hits = []
-        for name, split in data.splits.items():
-            split.check_image_sizes()  # RefCOCO: masks are scored at that size
-            feats = encode_images(
-                encoder,
-                split_images(split),
-                levels=kind.needs_feature_maps or get_method(cfg.method).needs_feature_maps,
-                cache=cache,
-                name=f"{cfg.task.data}-{name}".replace("/", "_"),
-                progress=progress,
-            )
-            hits.append(bool(cache and cache.last_hit))
-            splits[name] = FeaturedSplit(light_items(split), feats)
-        info["features"] = {
-            "encoder": encoder.cache_id,
-            "seconds": time.perf_counter() - start,
-            "cache_hits": hits,
-        }
-        d_modality = encoder.d_global
-        extra = {
-            "preprocess": encoder.preprocess.to_dict(),
-            "d_image": encoder.d_global,
-            "level_channels": encoder.level_channels,
-            "num_classes": len(data.label_names),
-            "pixel_size": encoder.preprocess.size,
-        }
-        del encoder
+        splits, extra, info["features"] = _image_splits(cfg, data, progress)
+        d_modality = extra["d_image"]
     else:
         for name, split in data.splits.items():
             splits[name] = FeaturedSplit(light_items(split), {})
