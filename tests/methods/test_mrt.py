@@ -93,24 +93,6 @@ def test_identity_init_is_exact_and_r_stays_orthonormal_under_adamw():
 # ----------------------------------------------------------------------------- the model
 
 
-def test_batch_spans_placeholders_and_labels(dirs):
-    model = tiny_lmm(dirs)
-    b = batch_of(model, answers=True)
-    n = model.tower.num_tokens
-    assert b.image_mask.sum(1).tolist() == [n, n, 2 * n]
-    assert b.num_images == [1, 1, 2]
-    assert b.pixel_values.shape[0] == 4
-    for i in range(3):
-        start, end = int(b.prompt_start[i]), int(b.prompt_end[i])
-        assert b.attention_mask[i, :start].sum() == 0 and b.attention_mask[i, start:].all()
-        assert b.position_ids[i, start] == 0
-        assert (b.labels[i, :end] == -100).all()
-        answer = b.labels[i, end:]
-        assert (answer != -100).all() and answer[-1] == model.end_of_answer
-    with pytest.raises(ValueError, match="sample 0: the prompt has 1 <image> placeholder"):
-        model.batch(["<image> what ?"], [images(2)])
-
-
 def test_mrt_is_identity_at_init_and_zero_scale_gives_base_logits_exactly(dirs):
     model = tiny_lmm(dirs)
     b = batch_of(model)
@@ -158,21 +140,6 @@ def test_every_edit_gets_a_gradient(dirs):
     mrt.loss(batch_of(mrt.base_model, answers=True)).backward()
     dead = [n for n, p in mrt.named_parameters() if p.requires_grad and p.grad is None]
     assert not dead and mrt.edit_names[:2] == ["vision.0", "vision.1"]
-
-
-def test_vit_visual_tokens_are_the_feature_layers_output(dirs):
-    model = tiny_lmm(dirs)
-    tower = model.tower
-    pixels = tower.preprocess(images(2))
-    with torch.no_grad():
-        out = tower.encoder.model(pixel_values=pixels, output_hidden_states=True)
-        hidden = out.hidden_states[tower.feature_layer]
-        expected = hidden[:, hidden.shape[1] - tower.grid * tower.grid :]
-        torch.testing.assert_close(tower(pixels), expected, rtol=0, atol=0)
-    depth = len(out.hidden_states) - 1
-    assert len(tower.blocks) == depth - 1  # feature layer -2: the last block is never read
-    with pytest.raises(ValueError, match="outside the encoder's 2 blocks"):
-        inject_mrt(model, MRTConfig(vision_layers=[2]))
 
 
 def test_llm_positions_come_from_each_samples_real_prompt_span(dirs):

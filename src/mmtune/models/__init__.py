@@ -1,1 +1,2 @@
-"""Model families (architecture table) and, later, LLM and encoder loading."""
+"""Models: the architecture table, LLM loading, named shapes, partial forwards, and the
+LLaVA-style model."""

@@ -1,4 +1,4 @@
-"""Stage-1 projector training, instruction tuning (MRT and baselines) and the VQA table.
+"""Stage-1 projector training and instruction tuning (MRT and the VQA baselines).
 
 - :func:`stage1`: the LLaVA-style model's projector alone learns to caption the train images of
   the VQA mini-benchmarks (next-token loss on the caption); everything else stays frozen.

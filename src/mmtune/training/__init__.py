@@ -1,1 +1,2 @@
-"""Training components: run directories, checkpoints and the run adapter."""
+"""Training components: the one loop, its config, data and model building, scoring, checkpoints,
+run directories and the run adapter."""
