@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 __all__ = ["LOWER_IS_BETTER", "Task", "get_task", "lower_is_better", "register_task", "tasks"]
 
@@ -52,6 +53,10 @@ class Task:
     """The head reads the encoder's feature maps too (not only the pooled vector)."""
     keeps_predictions: ClassVar[bool] = False
     """The test rows keep each prediction for the pictures (masks)."""
+    prompt_name: ClassVar[str] = ""
+    """The entry of ``DEFAULT_PROMPTS`` a run uses when ``task.prompt`` is not set."""
+    head_reads_pooled: ClassVar[bool] = False
+    """The head reads the pooled image vector itself (so the reliance check swaps it)."""
     hub_tags: ClassVar[tuple[str, ...]] = ()
     """Tags of a run adapter's model card on the Hub."""
     pipeline_tag: ClassVar[str] = ""
@@ -61,6 +66,29 @@ class Task:
     def lower_is_better(self) -> bool:
         """Whether a smaller headline is better."""
         return lower_is_better(self.headline)
+
+    def build_head(
+        self,
+        d_text: int,
+        *,
+        d_image: int,
+        level_channels: tuple[int, int, int] | None,
+        num_classes: int,
+        decoder: Any,
+    ) -> nn.Module:
+        """The task head on the pooled text vector (d_text); ``d_image`` is 0 when the head
+        must not see the image vector."""
+        raise NotImplementedError
+
+    def outputs(
+        self, head: nn.Module, batch: dict[str, Any], text: torch.Tensor, config: Any
+    ) -> dict[str, torch.Tensor]:
+        """The head's outputs for a batch (``logits`` / ``prediction``) and, when the batch has
+        targets, ``loss`` (``config``: the run's TaskConfig, for the loss options)."""
+        raise NotImplementedError
+
+    def collate(self, items: list[dict[str, Any]], batch: dict[str, Any], pixel_size: Any):
+        """Add the task's own tensors (targets, frames, sizes) to a collated ``batch``."""
 
     def row(self, output: dict[str, torch.Tensor], batch: dict[str, Any], r: int, keep: bool):
         """The scored row of sample ``r`` of ``batch`` (without its id)."""

@@ -6,8 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
+from mmtune.heads import (
+    ClassificationHead,
+    RegressionHead,
+    SegmentationDecoder,
+    regression_loss,
+    segmentation_loss,
+)
 from mmtune.metrics import (
     classification_metrics,
     mask_intersection_union,
@@ -28,8 +36,24 @@ class ClassificationTask(Task):
     headline = "accuracy"
     metric_names = ("accuracy", "f1_macro", "f1_weighted")
     reads_image = True
+    prompt_name = "entailment"
+    head_reads_pooled = True
     hub_tags = ("image-text-classification", "visual-entailment")
     pipeline_tag = "zero-shot-image-classification"
+
+    def build_head(self, d_text, *, d_image, level_channels, num_classes, decoder):
+        return ClassificationHead(d_image, d_text, num_classes)
+
+    def outputs(self, head, batch, text, config):
+        logits = head(batch["pooled"] if head.d_image else None, text)
+        out = {"logits": logits, "prediction": logits.argmax(-1)}
+        if "label" in batch:
+            out["loss"] = F.cross_entropy(logits, batch["label"])
+        return out
+
+    def collate(self, items, batch, pixel_size):
+        if "label" in items[0]:
+            batch["label"] = torch.tensor([int(it["label"]) for it in items])
 
     def row(self, output, batch, r, keep):
         return {"pred": int(output["prediction"][r]), "label": int(batch["label"][r])}
@@ -50,11 +74,36 @@ class SegmentationTask(Task):
     headline = "oIoU"
     metric_names = ("oIoU", "mIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9")
     text_field = "expression"
+    prompt_name = "segmentation"
     reads_image = True
     needs_feature_maps = True
     keeps_predictions = True
     hub_tags = ("referring-segmentation", "image-segmentation")
     pipeline_tag = "image-segmentation"
+
+    def build_head(self, d_text, *, d_image, level_channels, num_classes, decoder):
+        if level_channels is None:
+            raise ValueError("segmentation needs the encoder's level_channels")
+        return SegmentationDecoder(level_channels, d_text, decoder)
+
+    def outputs(self, head, batch, text, config):
+        logits = head([batch[f"level{i}"] for i in range(3)], text, batch["pixel_size"])
+        out = {"logits": logits}
+        if "mask" in batch:
+            out["loss"] = segmentation_loss(logits, batch["mask"], config.bce_weight)
+        return out
+
+    def collate(self, items, batch, pixel_size):
+        batch["pixel_size"] = (pixel_size, pixel_size)
+        if "mask" in items[0]:
+            masks = [
+                torch.as_tensor(np.asarray(it["mask"], dtype=np.float32))[None, None]
+                for it in items
+            ]
+            batch["mask"] = torch.cat(
+                [F.interpolate(m, size=(pixel_size, pixel_size), mode="nearest") for m in masks]
+            )
+            batch["original_masks"] = [np.asarray(it["mask"], bool) for it in items]
 
     def row(self, output, batch, r, keep):
         truth = batch["original_masks"][r]
@@ -109,6 +158,27 @@ class SentimentTask(Task):
     )
     hub_tags = ("multimodal-sentiment-analysis", "regression")
     pipeline_tag = "text-classification"
+    prompt_name = "sentiment"
+
+    def build_head(self, d_text, *, d_image, level_channels, num_classes, decoder):
+        return RegressionHead(d_text)
+
+    def outputs(self, head, batch, text, config):
+        pred = head(text)
+        out = {"prediction": pred}
+        if "label" in batch:
+            out["loss"] = regression_loss(pred, batch["label"], config.regression_loss)
+        return out
+
+    def collate(self, items, batch, pixel_size):
+        if "label" in items[0]:
+            batch["label"] = torch.tensor([float(it["label"]) for it in items])
+        for m in ("audio", "vision"):
+            if m in items[0]:
+                batch[m] = torch.as_tensor(
+                    np.stack([np.asarray(it[m], np.float32) for it in items])
+                )
+                batch[f"{m}_length"] = torch.tensor([int(it[f"{m}_length"]) for it in items])
 
     def row(self, output, batch, r, keep):
         return {"pred": float(output["prediction"][r]), "label": float(batch["label"][r])}

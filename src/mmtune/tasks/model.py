@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,15 +32,10 @@ from torch import nn
 from mmtune.data.prompts import DEFAULT_PROMPTS, PromptTemplate
 from mmtune.encoders.sequence import MultiModalSequenceEncoder, SequenceEncoderConfig
 from mmtune.heads import (
-    ClassificationHead,
-    RegressionHead,
-    SegmentationDecoder,
     SegmentationDecoderConfig,
     TaskToken,
     pool_last_token,
     position_ids_from_mask,
-    regression_loss,
-    segmentation_loss,
 )
 from mmtune.methods.concat import ConcatConfig, TokenProjector, image_tokens
 from mmtune.methods.mit import MiTModel
@@ -51,6 +45,7 @@ from mmtune.models.partial import (
     layer_slice,
     states_entering,
 )
+from mmtune.tasks.base import get_task
 
 __all__ = ["LowerLayerCache", "TaskConfig", "TaskModel"]
 
@@ -143,41 +138,30 @@ class TaskModel(nn.Module):
         base = llm.base_model if isinstance(llm, MiTModel) else llm
         self.decoder_backbone = base.get_decoder()
         d_text = base.config.hidden_size
-        self.prompt = PromptTemplate(
-            config.prompt
-            or DEFAULT_PROMPTS[
-                {
-                    "segmentation": "segmentation",
-                    "classification": "entailment",
-                    "sentiment": "sentiment",
-                }[task]
-            ]
+        kind = self.kind = get_task(task)
+        self.prompt = PromptTemplate(config.prompt or DEFAULT_PROMPTS[kind.prompt_name])
+        sees_image = method != "text" and config.head_image  # the text baseline's head too
+        self.head = kind.build_head(
+            d_text,
+            d_image=d_image if sees_image else 0,
+            level_channels=level_channels,
+            num_classes=num_classes,
+            decoder=decoder,
         )
         self.frames: MultiModalSequenceEncoder | None = None
-        if task == "classification":  # the text baseline's head sees no image either
-            sees_image = method != "text" and config.head_image
-            self.head = ClassificationHead(d_image if sees_image else 0, d_text, num_classes)
-        elif task == "segmentation":
-            if level_channels is None:
-                raise ValueError("segmentation needs the encoder's level_channels")
-            self.head = SegmentationDecoder(level_channels, d_text, decoder)
-        elif task == "sentiment":
-            self.head = RegressionHead(d_text)
-            if config.modalities and method == "mit":
-                seq = sequence or SequenceEncoderConfig()
-                widths = frame_widths or {}
-                self.frames = MultiModalSequenceEncoder(
-                    {
-                        m: SequenceEncoderConfig(**{**seq.__dict__, "d_in": widths[m]})
-                        for m in config.modalities
-                    }
-                )
-        else:
-            raise ValueError(f"unknown task {task!r}")
+        if not kind.reads_image and config.modalities and method == "mit":  # frames -> I
+            seq = sequence or SequenceEncoderConfig()
+            widths = frame_widths or {}
+            self.frames = MultiModalSequenceEncoder(
+                {
+                    m: SequenceEncoderConfig(**{**seq.__dict__, "d_in": widths[m]})
+                    for m in config.modalities
+                }
+            )
         self.concat = concat or ConcatConfig()
         self.projector: TokenProjector | None = None
         if method == "concat":
-            if task == "sentiment":
+            if not kind.reads_image:
                 if not config.modalities:
                     raise ValueError("method concat on sentiment needs task.modalities")
                 widths = {m: (frame_widths or {})[m] for m in config.modalities}
@@ -202,8 +186,7 @@ class TaskModel(nn.Module):
 
     # ------------------------------------------------------------------ text
     def prompts(self, batch: dict[str, Any]) -> list[str]:
-        field_name = "expression" if self.task == "segmentation" else "text"
-        return self.fit_prompts(batch[field_name])[0]
+        return self.fit_prompts(batch[self.kind.text_field])[0]
 
     def fit_prompts(self, texts: list[str]) -> tuple[list[str], int]:
         """(prompts, how many were cut): each text in the template, within ``max_length``
@@ -264,7 +247,7 @@ class TaskModel(nn.Module):
         """The MiT modality vector I (B, d_I), or None when the LLM gets no vector."""
         if self.method != "mit":
             return None
-        if self.task == "sentiment":
+        if not self.kind.reads_image:  # frames, encoded by the trainable sequence encoders
             if self.frames is None:
                 return None
             frames = {m: batch[m] for m in self.config.modalities}
@@ -289,7 +272,7 @@ class TaskModel(nn.Module):
     def prefix_tokens(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenation: projected modality tokens (B, N, d) and their mask (B, N)."""
         assert self.projector is not None
-        if self.task == "sentiment":
+        if not self.kind.reads_image:
             sources = {}
             for m in self.config.modalities:
                 frames = batch[m]  # (B, L, C), zero-padded after each sample's length
@@ -311,15 +294,14 @@ class TaskModel(nn.Module):
         """
         if self.method == "text":
             return {}
-        if self.task == "sentiment":
+        if not self.kind.reads_image:
             if self.frames is None and self.projector is None:
                 return {}
             return {k: k for m in self.config.modalities for k in (m, f"{m}_length")}
-        fields = (
-            {"pooled": "pooled"} if self.method == "mit" or self.task == "classification" else {}
-        )
-        if self.method == "concat":
-            fields["token_level2" if self.task == "segmentation" else "level2"] = "level2"
+        reads_pooled = self.method == "mit" or self.kind.head_reads_pooled
+        fields = {"pooled": "pooled"} if reads_pooled else {}
+        if self.method == "concat":  # a decoder keeps its own maps: it reads the tokens apart
+            fields["token_level2" if self.kind.needs_feature_maps else "level2"] = "level2"
         return fields
 
     def _upper_layers_only(self) -> bool:
@@ -414,23 +396,7 @@ class TaskModel(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         modality = self.modality(batch)
         text = self.text_vector(batch, modality)
-        if self.task == "classification":
-            logits = self.head(batch["pooled"] if self.head.d_image else None, text)
-            out = {"logits": logits, "prediction": logits.argmax(-1)}
-            if "label" in batch:
-                out["loss"] = F.cross_entropy(logits, batch["label"])
-        elif self.task == "segmentation":
-            size = batch["pixel_size"]
-            logits = self.head([batch[f"level{i}"] for i in range(3)], text, size)
-            out = {"logits": logits}
-            if "mask" in batch:
-                out["loss"] = segmentation_loss(logits, batch["mask"], self.config.bce_weight)
-        else:
-            pred = self.head(text)
-            out = {"prediction": pred}
-            if "label" in batch:
-                out["loss"] = regression_loss(pred, batch["label"], self.config.regression_loss)
-        return out
+        return self.kind.outputs(self.head, batch, text, self.config)
 
 
 def collate(items: list[dict[str, Any]], task: str, pixel_size: int | None = None) -> dict:
@@ -444,26 +410,5 @@ def collate(items: list[dict[str, Any]], task: str, pixel_size: int | None = Non
     for key in ("level0", "level1", "level2", "token_level2"):  # decoder maps, or tokens
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
-    if task == "segmentation":
-        batch["pixel_size"] = (pixel_size, pixel_size)
-        if "mask" in items[0]:
-            masks = [
-                torch.as_tensor(np.asarray(it["mask"], dtype=np.float32))[None, None]
-                for it in items
-            ]
-            batch["mask"] = torch.cat(
-                [F.interpolate(m, size=(pixel_size, pixel_size), mode="nearest") for m in masks]
-            )
-            batch["original_masks"] = [np.asarray(it["mask"], bool) for it in items]
-    if task == "classification" and "label" in items[0]:
-        batch["label"] = torch.tensor([int(it["label"]) for it in items])
-    if task == "sentiment":
-        if "label" in items[0]:
-            batch["label"] = torch.tensor([float(it["label"]) for it in items])
-        for m in ("audio", "vision"):
-            if m in items[0]:
-                batch[m] = torch.as_tensor(
-                    np.stack([np.asarray(it[m], np.float32) for it in items])
-                )
-                batch[f"{m}_length"] = torch.tensor([int(it[f"{m}_length"]) for it in items])
+    get_task(task).collate(items, batch, pixel_size)
     return batch
