@@ -23,6 +23,7 @@ from mmtune.recipes.instruct import Stage1Config, TuneConfig
 from mmtune.recipes.smoke import SmokeDemoConfig, run_smoke_demo
 from mmtune.recipes.train import TrainConfig, load_train_config
 from mmtune.recipes.vqa_table import TableConfig
+from mmtune.tasks import get_task
 from mmtune.utils.io import atomic_write
 from mmtune.utils.progress import Progress
 
@@ -141,11 +142,6 @@ def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> No
         file=sys.stderr,
     )
     cells = run_demo(configs, workers=workers, on_event=event)
-    shown = {
-        "segmentation": ("oIoU", "mIoU", "prec@0.5"),
-        "classification": ("accuracy", "f1_macro"),
-        "sentiment": ("mae", "corr", "acc2_has0", "acc7"),
-    }
     print(f"\nSmolLM2-135M, frozen; test splits ({time.perf_counter() - start:.0f} s in all):")
     print(f"  {'benchmark':<16} {'method':<6} {'n':>5}  metrics  | reliance")
     for name in DEMO_BENCHMARKS:
@@ -160,7 +156,7 @@ def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> No
             )
             print(
                 f"  {name:<16} {method:<6} {m['num_samples']:>5}  "
-                + ", ".join(f"{k} {m[k]:.3f}" for k in shown[r["task"]])
+                + ", ".join(f"{k} {m[k]:.3f}" for k in get_task(r["task"]).summary_metrics)
                 + f"  | {reliance}"
             )
     print(
@@ -392,11 +388,7 @@ def ceilings(benchmark: Path, output: Path | None = None, probe_epochs: int = 30
         write_json(output, result)
     print(f"{result['data']} ({result['task']}), test split:")
     for name, entry in result["ceilings"].items():
-        shown = {
-            "classification": ("accuracy", "f1_macro"),
-            "sentiment": ("mae", "corr"),
-            "segmentation": ("oIoU", "prec@0.5"),
-        }[result["task"]]
+        shown = [k for k in get_task(result["task"]).summary_metrics if k in entry]
         values = ", ".join(f"{k} {entry[k]:.3f}" for k in shown)
         print(f"  {name:<17} {values}  ({entry['sees']})")
 

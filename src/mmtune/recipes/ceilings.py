@@ -37,6 +37,7 @@ from mmtune.metrics import (
     segmentation_metrics,
     sentiment_metrics,
 )
+from mmtune.tasks import get_task
 from mmtune.utils.progress import Progress, tracked
 
 __all__ = ["ceilings", "decoder_probe", "digits_rule"]
@@ -335,7 +336,8 @@ def ceilings(cfg: Any, probe_epochs: int = 30, progress: Progress | None = None)
     data = load_task_data(cfg.task)
     name = cfg.task.data
     result: dict[str, Any] = {"data": data.name, "task": data.task, "sizes": data.sizes()}
-    if data.task == "sentiment":
+    kind = get_task(data.task)
+    if not kind.reads_image:  # frames: the sentiment ceilings
         result["ceilings"] = _sentiment(data, list(cfg.task.modalities))
         return result
     encoder = load_vision_encoder(cfg.model.vision)
@@ -344,7 +346,7 @@ def ceilings(cfg: Any, probe_epochs: int = 30, progress: Progress | None = None)
         encoder.preprocess = dataclasses.replace(
             encoder.preprocess, size=size, resize=max(size, round(size * 256 / 224))
         )
-    segmentation = data.task == "segmentation"
+    segmentation = kind.needs_feature_maps  # the decoder probe over the feature maps
     if segmentation:  # as in training: the whole image, squashed
         encoder.preprocess = dataclasses.replace(encoder.preprocess, resize=None)
     cache = FeatureCache() if cfg.feature_cache else None

@@ -45,6 +45,8 @@ class Task:
     """The metric a table ranks by."""
     metric_names: ClassVar[tuple[str, ...]]
     """Every metric :meth:`metrics` returns, in table order."""
+    summary_metrics: ClassVar[tuple[str, ...]] = ()
+    """The few metrics a one-line summary shows (the demo, the ceilings), headline first."""
     text_field: ClassVar[str] = "text"
     """The item field the prompt template reads."""
     reads_image: ClassVar[bool] = False

@@ -35,6 +35,7 @@ class ClassificationTask(Task):
     name = "classification"
     headline = "accuracy"
     metric_names = ("accuracy", "f1_macro", "f1_weighted")
+    summary_metrics = ("accuracy", "f1_macro")
     reads_image = True
     prompt_name = "entailment"
     head_reads_pooled = True
@@ -73,6 +74,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     headline = "oIoU"
     metric_names = ("oIoU", "mIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9")
+    summary_metrics = ("oIoU", "mIoU", "prec@0.5")
     text_field = "expression"
     prompt_name = "segmentation"
     reads_image = True
@@ -156,6 +158,7 @@ class SentimentTask(Task):
         "acc7",
         "acc5",
     )
+    summary_metrics = ("mae", "corr", "acc2_has0", "acc7")
     hub_tags = ("multimodal-sentiment-analysis", "regression")
     pipeline_tag = "text-classification"
     prompt_name = "sentiment"
