@@ -39,6 +39,7 @@ import yaml
 
 from mmtune.reporting.tables import format_mean_std, mean_std
 from mmtune.tasks import lower_is_better
+from mmtune.training.adapter import method_label
 from mmtune.utils.io import atomic_write
 
 __all__ = ["Cell", "CompareConfig", "mean_ranks", "plan", "report", "run_compare"]
@@ -303,7 +304,7 @@ def report(root: Path | str) -> dict[str, Any]:
             {
                 "benchmark": benchmark,
                 "variant": variant,
-                "method": runs[0]["config"]["method"],
+                "method": method_label(runs[0]["config"]),
                 "lr": lr,
                 "seeds": sorted(r["config"]["seed"] for r in runs),
                 "headline": next(iter(runs[0]["headline"])),
