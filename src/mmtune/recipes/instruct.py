@@ -27,11 +27,9 @@ from mmtune._version import __version__
 from mmtune.data.vqa import VQA_BENCHMARKS, exact_match
 from mmtune.methods.concat import (
     PeftAdapterConfig,
-    inject_peft,
-    load_peft_format,
-    save_peft_format,
 )
-from mmtune.methods.mrt import MRTConfig, MRTControl, MRTModel, load_mrt
+from mmtune.methods.lmm_tuning import get_lmm_tuning, lmm_tunings, load_lmm_adapter
+from mmtune.methods.mrt import MRTConfig, MRTControl, MRTModel
 from mmtune.models.lmm import LlavaStyleModel, LMMConfig, build_lmm, load_lmm
 from mmtune.training import checkpoint as ckpt
 from mmtune.training import loop
@@ -39,7 +37,6 @@ from mmtune.training.adapter import front_matter, hub_id
 from mmtune.training.loop import FitSettings
 from mmtune.training.rundir import config_differences
 from mmtune.utils.adapter_file import atomic_write, count_parameters
-from mmtune.utils.io import read_json
 from mmtune.utils.progress import Progress, tracked
 
 __all__ = [
@@ -52,8 +49,9 @@ __all__ = [
 ]
 
 Method = Literal["mrt", "projector", "lora", "zero-shot"]
-METHODS: tuple[str, ...] = ("zero-shot", "projector", "lora", "mrt")
-DEFAULT_LR = {"mrt": 1e-2, "projector": 1e-3, "lora": 2e-3, "zero-shot": 0.0}
+METHODS: tuple[str, ...] = lmm_tunings()
+"""The registered ``lmm tune`` methods (:mod:`mmtune.methods.lmm_tuning`)."""
+DEFAULT_LR = {name: get_lmm_tuning(name).default_lr for name in METHODS}
 CAPTION_PROMPT = "<image>\nDescribe the image."
 
 
@@ -117,7 +115,7 @@ class TuneConfig:
     batch_size: int = 8
     """Samples per step."""
     lr: float | None = None
-    """AdamW learning rate (None: the method's default, see ``DEFAULT_LR``)."""
+    """AdamW learning rate (None: the method's default, LMMTuning.default_lr)."""
     decay_every: int | None = None
     """Multiply the learning rate by decay_gamma every this many epochs (null: constant)."""
     decay_gamma: float = 0.1
@@ -152,7 +150,7 @@ class TuneConfig:
 
     @property
     def learning_rate(self) -> float:
-        return DEFAULT_LR[self.method] if self.lr is None else self.lr
+        return get_lmm_tuning(self.method).default_lr if self.lr is None else self.lr
 
 
 def _check_benchmarks(names: list[str], where: str) -> None:
@@ -422,33 +420,13 @@ def _params(model: torch.nn.Module) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- tuning
 
 
-def _tunable(cfg: TuneConfig, base: LlavaStyleModel) -> LlavaStyleModel | MRTModel:
-    if cfg.method == "mrt":
-        return MRTModel(base, cfg.mrt)
-    if cfg.method == "projector":
-        base.projector.requires_grad_(True)
-    elif cfg.method == "lora":
-        inject_peft(base.llm, "lora", cfg.peft)
-    return base
-
-
-LMM_RUN_FILE = "mmtune_lmm.json"
-
-
 def _save(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str, Any]) -> None:
-    """``adapter/``: MRT's edits or the projector in mmtune's adapter format, LoRA in PEFT's own
-    format (with ``mmtune_lmm.json`` naming the stage-1 base), and a model card."""
+    """``adapter/``: what the method saves (:class:`LMMTuning` ``save``) and a model card."""
     out = cfg.output_dir / "adapter"
-    if isinstance(model, MRTModel):
-        model.save_pretrained(out, base_dir=cfg.base)
-    elif cfg.method == "projector":
-        model.save_projector(out)
-    elif cfg.method == "lora":
-        save_peft_format(model.llm, out, hub_id(model.config.llm))
-        _write_json(
-            out / LMM_RUN_FILE,
-            {"method": "lora", "base_dir": str(cfg.base.resolve()), "peft": asdict(cfg.peft)},
-        )
+    base = model.base_model if isinstance(model, MRTModel) else model
+    save = get_lmm_tuning(cfg.method).save
+    assert save is not None  # only methods that train are saved
+    save(model, out, cfg.base, hub_id(base.config.llm), cfg.peft)
     with atomic_write(out / "README.md") as tmp:
         tmp.write_text(_lmm_card(cfg, model, results))
 
@@ -456,20 +434,13 @@ def _save(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str,
 def _lmm_card(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[str, Any]) -> str:
     base = model.base_model if isinstance(model, MRTModel) else model
     head = {
-        "library_name": "mmtune" if cfg.method != "lora" else "peft",
+        "library_name": get_lmm_tuning(cfg.method).library,
         "base_model": hub_id(base.config.llm),
         "tags": ["mmtune", f"lmm-{cfg.method}", "visual-question-answering", "llava-style"],
         "datasets": [f"vqa-{cfg.benchmark} (mmtune mini-benchmark)"],
         "pipeline_tag": "image-text-to-text",
     }
-    load = {
-        "mrt": "from mmtune import load_mrt\nmodel = load_mrt('path/to/adapter')",
-        "projector": "from mmtune import load_lmm\nmodel = load_lmm('path/to/adapter')",
-        "lora": "from mmtune.recipes.instruct import load_tuned\n"
-        "model = load_tuned('path/to/adapter')\n"
-        "# or the LLM's adapters alone, with PEFT:\nfrom peft import PeftModel\n"
-        "llm = PeftModel.from_pretrained(load_lmm(BASE).llm, 'path/to/adapter')",
-    }[cfg.method]
+    load = get_lmm_tuning(cfg.method).load_snippet
     lines = [
         front_matter(head),
         f"# {cfg.method} on VQA {cfg.benchmark}: a LLaVA-style {base.config.llm} + "
@@ -506,30 +477,8 @@ def _lmm_card(cfg: TuneConfig, model: LlavaStyleModel | MRTModel, results: dict[
 
 def load_tuned(adapter: str | Path) -> LlavaStyleModel | MRTModel:
     """The model a ``lmm tune`` run saved in ``adapter`` (MRT, projector or LoRA), ready to
-    generate; its stage-1 base is found from what the adapter records."""
-    adapter = Path(adapter)
-    if (adapter / LMM_RUN_FILE).is_file():
-        meta = read_json(adapter / LMM_RUN_FILE, "lmm adapter")
-        if not isinstance(meta, dict) or meta.get("method") != "lora" or "base_dir" not in meta:
-            raise ValueError(f"{adapter / LMM_RUN_FILE}: expected method 'lora' and base_dir")
-        base = load_lmm(meta["base_dir"])
-        try:
-            peft = PeftAdapterConfig(**meta.get("peft", {}))
-        except TypeError as e:
-            raise ValueError(f"{adapter / LMM_RUN_FILE}: field 'peft': {e}") from e
-        inject_peft(base.llm, "lora", peft)
-        load_peft_format(base.llm, adapter)
-        return base.eval()
-    meta = read_json(adapter / "adapter_config.json", "adapter config")
-    method = meta.get("method") if isinstance(meta, dict) else None
-    if method == "mrt":
-        return load_mrt(adapter)
-    if method == "lmm-projector":
-        return load_lmm(adapter).eval()
-    raise ValueError(
-        f"{adapter / 'adapter_config.json'}: field 'method' is {method!r}; expected an lmm tune "
-        "adapter (mrt, lmm-projector, or LoRA with mmtune_lmm.json)"
-    )
+    generate (:func:`mmtune.methods.lmm_tuning.load_lmm_adapter`)."""
+    return load_lmm_adapter(adapter)
 
 
 def tune(
@@ -544,12 +493,13 @@ def tune(
     _threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     base = load_lmm(cfg.base)
-    model = _tunable(cfg, base)
+    tuning = get_lmm_tuning(cfg.method)
+    model = tuning.prepare(base, cfg.mrt, cfg.peft)
     data = VQA_BENCHMARKS[cfg.benchmark](num_samples=cfg.num_samples)
     pixels = {k: _pixels(base, v) for k, v in data.items()}
     log: dict[str, Any] = {"train_seconds": 0.0, "losses": [], "steps": 0, "processes": 1}
     log["main"], log["accelerator"] = True, None
-    if cfg.method != "zero-shot":
+    if tuning.trains:
         log = fit(
             model,
             data["train"],
@@ -599,7 +549,7 @@ def tune(
         "benchmark": cfg.benchmark,
         "method": cfg.method,
         "seed": cfg.seed,
-        "lr": cfg.learning_rate if cfg.method != "zero-shot" else None,
+        "lr": cfg.learning_rate if tuning.trains else None,
         "config": _jsonable(asdict(cfg)),
         "params": _params(model),
         "train_seconds": log["train_seconds"],
@@ -611,7 +561,7 @@ def tune(
         "examples": examples,
         "metric": "exact match after lower-casing, removing punctuation, collapsing spaces",
     }
-    if cfg.save_adapter and cfg.method != "zero-shot":
+    if cfg.save_adapter and tuning.trains:
         _save(cfg, model, results)
     _write_json(cfg.output_dir / "results.json", results)
     if log["accelerator"] is not None:

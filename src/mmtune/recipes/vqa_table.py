@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmtune.methods.lmm_tuning import get_lmm_tuning
 from mmtune.methods.mrt import MRTConfig
 from mmtune.recipes.instruct import (
     METHODS,
@@ -72,7 +73,8 @@ def vqa_table(cfg: TableConfig, log: Callable[[str], None] | None = None) -> dic
         stage1(Stage1Config(**{**vars(cfg.stage1), "output_dir": cfg.base}))
     for bench in cfg.benchmarks:
         for method in cfg.methods:
-            for seed in [0] if method == "zero-shot" else cfg.seeds:
+            trains = get_lmm_tuning(method).trains  # one run of a method that trains nothing
+            for seed in cfg.seeds if trains else [0]:
                 out = cfg.output_dir / "runs" / bench / method / f"seed{seed}"
                 if (out / "results.json").is_file():
                     continue
