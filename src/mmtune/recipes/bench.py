@@ -48,12 +48,39 @@ from torch import nn
 from mmtune._version import __version__
 from mmtune.methods.concat import PeftAdapterConfig, TokenProjector, inject_peft
 from mmtune.methods.mit import MiTConfig, MiTModel, inject_mit
+from mmtune.methods.registry import get_method
 from mmtune.models.shapes import SHAPES, shape_config
 from mmtune.utils.io import atomic_write
 
 __all__ = ["BENCH_METHODS", "BenchConfig", "plot_bench", "run_bench"]
 
 BENCH_METHODS = ("text", "mit", "mit_cached", "concat", "concat_lora", "concat_ia3")
+
+
+@dataclass(frozen=True)
+class BenchCell:
+    """What one bench label measures: a registered method, its PEFT adapter, and whether the
+    lower-layer cache serves the layers below the first infused one."""
+
+    method: str
+    peft: str = "none"
+    cached: bool = False
+
+    @property
+    def reads(self) -> str:
+        """How the method's modality enters (the Method registry's ``reads``)."""
+        return get_method(self.method).reads
+
+
+BENCH_CELLS: dict[str, BenchCell] = {
+    "text": BenchCell("text"),
+    "mit": BenchCell("mit"),
+    "mit_cached": BenchCell("mit", cached=True),
+    "concat": BenchCell("concat"),
+    "concat_lora": BenchCell("concat", "lora"),
+    "concat_ia3": BenchCell("concat", "ia3"),
+}
+"""The bench's labels (rows of bench.json) and what each measures."""
 
 
 @dataclass
@@ -225,19 +252,20 @@ class _Bench(nn.Module):
 
     def __init__(self, method: str, llm: nn.Module, cfg: BenchConfig):
         super().__init__()
+        cell = self.cell = BENCH_CELLS[method]
         self.method = method
         d = llm.config.hidden_size
         self.projector: TokenProjector | None = None
         self.first_layer = 1
-        if method in ("mit", "mit_cached"):
+        if cell.reads == "vector":
             mit_cfg = MiTConfig(**{**asdict(cfg.mit), "d_modality": cfg.d_image})
             self.llm = inject_mit(llm, mit_cfg)
             self.first_layer = min(self.llm.layer_ids)
         else:
             self.llm = llm
-            if method in ("concat_lora", "concat_ia3"):
-                inject_peft(llm, method.removeprefix("concat_"), cfg.peft)
-            if method.startswith("concat"):
+            if cell.peft != "none":
+                inject_peft(llm, cell.peft, cfg.peft)
+            if cell.reads == "tokens":
                 self.projector = TokenProjector({"image": cfg.d_image}, d, "mlp")
         self.decoder = (llm.base_model if isinstance(llm, MiTModel) else llm).get_decoder()
         self.head = nn.Linear(d, 1)
@@ -301,7 +329,7 @@ def _measure_cell(
     vector = torch.randn(cfg.batch_size, cfg.d_image, generator=g).to(device)
     trainable = [p for p in bench.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-5)
-    upper = bench.method == "mit_cached"
+    upper = bench.cell.cached
     cached = bench.lower_states(bench.inputs(text, image, vector)) if upper else None
 
     def forward() -> None:
@@ -316,13 +344,13 @@ def _measure_cell(
         optimizer.step()
 
     row: dict[str, Any] = {"method": bench.method, "text_length": t, "image_tokens": n}
-    if bench.method != "mit_cached":  # its inference is MiT's
+    if not bench.cell.cached:  # a cached cell's inference is the uncached one's
         row["flops_forward"] = _count_flops(forward)
         for _ in range(max(cfg.warmup - 1, 0)):
             forward()
         times = _timed(forward, cfg, device)
         row.update(forward_ms=1e3 * statistics.median(times), forward_runs=len(times))
-    if bench.method == "mit":  # the same weights with the adapter off, timed in alternation
+    if bench.cell.reads == "vector" and not upper:  # adapter off, timed in alternation
         row.update(_paired_forward(bench, forward, cfg, device))
     row["flops_train_step"] = _count_flops(step)
     for _ in range(max(cfg.warmup - 1, 0)):
@@ -349,7 +377,7 @@ def _measure_cell(
 
 
 def _cells(cfg: BenchConfig, method: str) -> list[tuple[int, int]]:
-    if method.startswith("concat"):
+    if BENCH_CELLS[method].reads == "tokens":
         return [(t, n) for t in cfg.text_lengths for n in cfg.image_tokens]
     return [(t, 0) for t in cfg.text_lengths]
 
@@ -365,7 +393,7 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     for method in cfg.methods:
-        llm = copy.deepcopy(base) if method in ("concat_lora", "concat_ia3") else base
+        llm = copy.deepcopy(base) if BENCH_CELLS[method].peft != "none" else base
         bench = _Bench(method, llm, cfg).to(device)
         for t, n in _cells(cfg, method):
             row = _measure_cell(bench, cfg, device, t, n)
@@ -438,7 +466,7 @@ def bench_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "met": ratio >= 1.2,
             }
         for n in sorted({r["image_tokens"] for r in rows if r["image_tokens"]}):
-            for method in ("concat", "concat_lora", "concat_ia3"):
+            for method in (m for m, c in BENCH_CELLS.items() if c.reads == "tokens"):
                 other = _find(rows, method, t, n)
                 if not (mit and other):
                     continue
@@ -489,7 +517,7 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
                 pts = [r for r in pts if key in r]
                 if not pts:
                     continue
-                if method.startswith("concat"):
+                if BENCH_CELLS[method].reads == "tokens":
                     xs = [r["image_tokens"] for r in pts]
                     ys = [r[key] * scale.get(key, 1) for r in pts]
                     ax.plot(xs, ys, marker="o", label=method, color=color)

@@ -30,7 +30,7 @@ from mmtune._version import __version__
 from mmtune.methods.concat import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, load_peft_format
 from mmtune.methods.concat import save_peft_format as _save_peft
 from mmtune.methods.mit import MiTModel
-from mmtune.methods.registry import get_method
+from mmtune.methods.registry import get_method, split_legacy_method
 from mmtune.models.llm import EMBEDDED_LLMS
 from mmtune.tasks import get_task
 from mmtune.utils.adapter_file import (
@@ -73,17 +73,17 @@ _LLM_PREFIXES = ("llm.", "decoder_backbone.")  # the two names TaskModel has for
 def _peft_kind(config: dict[str, Any]) -> str | None:
     """The run's PEFT adapter (lora, ia3) or None; reads the spelling of mmtune < 0.4 too."""
     peft = config.get("peft")
-    if isinstance(peft, str) and peft != "none":
-        return peft
-    method = config["method"]
-    return method.removeprefix("concat_") if method in ("concat_lora", "concat_ia3") else None
+    peft = peft if isinstance(peft, str) else "none"  # a mapping: options of mmtune < 0.4
+    _, kind = split_legacy_method(config["method"], peft, "run config", warn=False)
+    return None if kind == "none" else kind
 
 
 def method_label(config: dict[str, Any]) -> str:
     """``concat+lora`` for a run's method with its PEFT adapter, else the method's name."""
-    peft = _peft_kind(config)
-    method = "concat" if config["method"].startswith("concat") else config["method"]
-    return f"{method}+{peft}" if peft else method
+    peft = config.get("peft")
+    peft = peft if isinstance(peft, str) else "none"
+    method, kind = split_legacy_method(config["method"], peft, "run config", warn=False)
+    return f"{method}+{kind}" if kind != "none" else method
 
 
 def hub_id(llm: str) -> str:
