@@ -18,7 +18,6 @@ Names of mmtune < 0.4 (MiT's ``save_adapter``; MRT's ``base``, ``parameter_count
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,4 +97,4 @@ def deprecated_alias(new: str, old: str) -> Callable[..., Any]:
 
     alias.__name__ = old
     alias.__doc__ = f"Deprecated alias of :meth:`{new}` (removed in mmtune 0.5)."
-    return functools.wraps(alias)(alias)
+    return alias

@@ -272,8 +272,6 @@ def fit(
         progress=progress if accelerator.is_main_process else None,
         stage=stage,
     )
-    if on_step is not None and fitted.first_epoch > 1:  # steps done before the resume
-        done[0] += (fitted.first_epoch - 1) * fitted.steps_per_epoch
     model.eval()
     losses = fitted.history["step_loss"]
     return {

@@ -70,19 +70,22 @@ RUN_ADAPTER_FORMAT = "mmtune-run-adapter/1"
 _LLM_PREFIXES = ("llm.", "decoder_backbone.")  # the two names TaskModel has for the LLM
 
 
-def _peft_kind(config: dict[str, Any]) -> str | None:
-    """The run's PEFT adapter (lora, ia3) or None; reads the spelling of mmtune < 0.4 too."""
+def _method_and_peft(config: dict[str, Any]) -> tuple[str, str]:
+    """A run config's (method, peft), reading the spelling of mmtune < 0.4 too."""
     peft = config.get("peft")
     peft = peft if isinstance(peft, str) else "none"  # a mapping: options of mmtune < 0.4
-    _, kind = split_legacy_method(config["method"], peft, "run config", warn=False)
+    return split_legacy_method(config["method"], peft, "run config", warn=False)
+
+
+def _peft_kind(config: dict[str, Any]) -> str | None:
+    """The run's PEFT adapter (lora, ia3) or None."""
+    kind = _method_and_peft(config)[1]
     return None if kind == "none" else kind
 
 
 def method_label(config: dict[str, Any]) -> str:
     """``concat+lora`` for a run's method with its PEFT adapter, else the method's name."""
-    peft = config.get("peft")
-    peft = peft if isinstance(peft, str) else "none"
-    method, kind = split_legacy_method(config["method"], peft, "run config", warn=False)
+    method, kind = _method_and_peft(config)
     return f"{method}+{kind}" if kind != "none" else method
 
 

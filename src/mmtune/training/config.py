@@ -26,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
+    "check_schedule",
     "load_train_config",
 ]
 
@@ -49,6 +50,20 @@ class ModelConfig:
     """Sentiment: shape of each frame encoder (d_in is set from the data)."""
     decoder: SegmentationDecoderConfig = field(default_factory=SegmentationDecoderConfig)
     """Segmentation: shape of the decoder."""
+
+
+def check_schedule(
+    decay_every: int | None, decay_gamma: float, grad_clip: float, prefix: str = ""
+) -> None:
+    """The schedule and clipping settings, each refused with its (``prefix``-ed) field name."""
+    if decay_every is not None and decay_every < 1:
+        raise ValueError(
+            f"{prefix}decay_every must be >= 1, or null for no decay; got {decay_every}"
+        )
+    if not 0 < decay_gamma <= 1:
+        raise ValueError(f"{prefix}decay_gamma must be in (0, 1], got {decay_gamma}")
+    if grad_clip < 0:
+        raise ValueError(f"{prefix}grad_clip must be >= 0 (0: off), got {grad_clip}")
 
 
 @dataclass
@@ -77,14 +92,7 @@ class OptimConfig:
             raise ValueError("OptimConfig: epochs, batch_size and eval_batch_size must be >= 1")
         if self.lr <= 0 or self.head_lr_scale <= 0:
             raise ValueError("OptimConfig: lr and head_lr_scale must be > 0")
-        if self.decay_every is not None and self.decay_every < 1:
-            raise ValueError(
-                f"optim.decay_every must be >= 1, or null for no decay; got {self.decay_every}"
-            )
-        if not 0 < self.decay_gamma <= 1:
-            raise ValueError(f"optim.decay_gamma must be in (0, 1], got {self.decay_gamma}")
-        if self.grad_clip < 0:
-            raise ValueError(f"optim.grad_clip must be >= 0 (0: off), got {self.grad_clip}")
+        check_schedule(self.decay_every, self.decay_gamma, self.grad_clip, prefix="optim.")
 
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mmtune.training import checkpoint as ckpt
+from mmtune.training.config import check_schedule
 from mmtune.utils.progress import Progress, report
 
 __all__ = ["FitResult", "FitSettings", "epoch_order", "fit", "flat_config"]
@@ -67,14 +68,7 @@ class FitSettings:
             raise ValueError("FitSettings: epochs and batch_size must be >= 1")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"FitSettings.optimizer must be adam or adamw, got {self.optimizer!r}")
-        if self.decay_every is not None and self.decay_every < 1:
-            raise ValueError(
-                f"decay_every must be >= 1, or None for no decay; got {self.decay_every}"
-            )
-        if not 0 < self.decay_gamma <= 1:
-            raise ValueError(f"decay_gamma must be in (0, 1], got {self.decay_gamma}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
+        check_schedule(self.decay_every, self.decay_gamma, self.grad_clip)
 
 
 @dataclass
