@@ -41,6 +41,7 @@ def _rows(root: Path) -> list[dict]:
                     "head_image": r["config"]["task"].get("head_image", True),
                     "data_options": r["config"]["task"]["data_options"],
                     "method": r["config"]["method"],
+                    "peft": r["config"].get("peft", "none"),
                     "lr": r["config"]["optim"]["lr"],
                     "epochs": r["config"]["optim"]["epochs"],
                     "decay_every": r["config"]["optim"].get("decay_every"),

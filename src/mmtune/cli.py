@@ -365,7 +365,8 @@ def train(config: TrainConfig, quiet: bool = False) -> None:
 
 def _reliance_line(r: dict) -> str:
     if r["drop"] is None:
-        return f"  reliance: none (this model reads no modality); {r['metric']} {r['headline']:.4f}"
+        why = "fewer than 2 samples" if r.get("swapped") else "this model reads no modality"
+        return f"  reliance: none ({why}); {r['metric']} {r['headline']:.4f}"
     return (
         f"  reliance: {r['metric']} {r['headline']:.4f} -> {r['deranged']:.4f} with each "
         f"sample's modality from another sample (drop {r['drop']:+.4f})"
@@ -570,6 +571,7 @@ def lmm_tune(cfg: TuneConfig, quiet: bool) -> None:
         f"trainable {p['trainable']:,} of {p['total']:,} ({100 * p['share']:.4f}%); "
         f"train {r['train_seconds']:.0f} s; results in {output_dir}/results.json"
     )
+    print(_reliance_line(r["reliance"]))
 
 
 @_from_config(
@@ -688,6 +690,8 @@ def lmm_generate(
     "images unseen: 300 for the README's table).",
     split="train, val or test.",
     output="also write the result (with predictions) to this JSON file.",
+    reliance="also score the split with each item's image taken from another item (a seeded "
+    "derangement): the drop is the reliance on the image.",
 )
 def lmm_eval(
     adapter: Path,
@@ -701,8 +705,10 @@ def lmm_eval(
     positions: list[int] | None = None,
     visual_tokens: list[int] | None = None,
     output: Path | None = None,
+    reliance: bool = True,
 ) -> None:
-    """Exact match of an MRT adapter on a VQA split under control (no training)."""
+    """Exact match of an MRT adapter on a VQA split under control (no training), and its
+    reliance on the image (each item's image taken from another item; false: skipped)."""
     from mmtune.recipes.instruct import evaluate_adapter
 
     control = _control(scale, edit_scales, first, last, positions, visual_tokens)
@@ -713,11 +719,14 @@ def lmm_eval(
         num_samples=num_samples,
         split=split,
         progress=_bars(),
+        reliance=reliance,
     )
     if output is not None:
         with atomic_write(output) as tmp:
             tmp.write_text(json.dumps(r, indent=2) + "\n")
     print(f"{benchmark} {split} (n = {r['num_samples']}): exact match {r['exact_match']:.3f}")
+    if "reliance" in r:
+        print(_reliance_line(r["reliance"]))
 
 
 def lmm_params(

@@ -57,7 +57,8 @@ SENTIMENT_CONVENTIONS = {
 }
 RELIANCE_CONVENTIONS = {
     "deranged": "the headline metric with each sample's modality (MiT's vector I and any image "
-    "vector the head reads, the concatenated tokens, or the frames) taken from another sample "
+    "vector the head reads, the concatenated tokens, the frames, or the image a LLaVA-style "
+    "model answers about) taken from another sample "
     "of the split; the donor is fixed by a seeded derangement (Sattolo's algorithm, seed 0), "
     "never the sample itself and, where the data says, never a sample of the same image",
     "drop": "headline - deranged (deranged - headline where lower is better): how much the "

@@ -12,8 +12,9 @@ import yaml
 from tests.tiny_assets import tiny_llm_dir, tiny_vit_dir
 
 from mmtune.cli import main
-from mmtune.data.vqa import VQA_BENCHMARKS
+from mmtune.data.vqa import VQA_BENCHMARKS, exact_match
 from mmtune.methods.mrt import MRTConfig, load_mrt
+from mmtune.metrics import derangement
 from mmtune.models.lmm import LMMConfig, load_lmm
 from mmtune.recipes.instruct import (
     METHODS,
@@ -62,6 +63,10 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
         assert done[0] == 0 and done[-1] == next(t for s, _, t in waits if s == f"answer {split}")
     assert saved["test"]["num_samples"] == 5 and 0.0 <= saved["test"]["exact_match"] <= 1.0
     assert saved["method"] == method and len(saved["examples"]) == 5
+    rel = saved["reliance"]  # the test split again, each image from another item
+    assert rel["metric"] == "exact_match" and rel["headline"] == saved["test"]["exact_match"]
+    assert rel["drop"] == pytest.approx(rel["headline"] - rel["deranged"]) and rel["seed"] == 0
+    assert [d for s, d, _ in waits if s == "reliance"][-1] == 1  # one batch of 5 items
     if method == "zero-shot":
         assert r["params"]["trainable"] == 0 and r["steps"] == 0
         assert not (out / "adapter").exists()
@@ -85,6 +90,16 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
             max_new_tokens=cfg.max_new_tokens,
         )
         assert preds[:5] == [e["prediction"] for e in saved["examples"]]
+        donors = derangement(len(items), 0)
+        assert all(d != i for i, d in enumerate(donors))
+        swapped = generate_answers(
+            again,
+            [_prompt(it) for it in items],
+            [_pixels(base, items)[d] for d in donors],
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        assert rel["deranged"] == exact_match(swapped, [it["answer"] for it in items])
     if method == "lora":  # and PEFT loads the LLM's part itself
         from peft import PeftModel
 
@@ -112,7 +127,9 @@ def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
     methods = [(r["method"], r["seeds"]) for r in table["rows"]]
     assert methods == [("zero-shot", [0]), ("mrt", [0, 1])]
     md = (tmp_path / "vqa" / "vqa.md").read_text()
-    assert "| shapes | mrt |" in md
+    assert "| shapes | mrt |" in md and "| reliance drop |" in md
+    mrt_row = next(r for r in table["rows"] if r["method"] == "mrt")
+    assert mrt_row["reliance_drop"]["n"] == 2 and "not measured" not in md
     mtime = (tmp_path / "vqa/runs/shapes/mrt/seed1/results.json").stat().st_mtime
     vqa_table(cfg)  # resumable: finished cells are reused
     assert (tmp_path / "vqa/runs/shapes/mrt/seed1/results.json").stat().st_mtime == mtime
@@ -136,7 +153,8 @@ def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
     main(["lmm", "tune", "--benchmark", "shapes", "--base", str(stage1_dir), "--num_samples",
           "20", "--epochs", "1", "--lr", "0.05", "--output_dir", str(tmp_path / "cli"),
           "--mrt.llm_layers", "[0, 1]", "--quiet", "true"])  # fmt: skip
-    assert "shapes / mrt: test exact match" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "shapes / mrt: test exact match" in printed and "reliance: exact_match" in printed
     adapter = str(tmp_path / "cli" / "adapter")
     outputs = []
     for extra in ([], ["--scale", "0"], ["--edit_scales", '{"llm.1": 3.0}', "--last", "1"]):
@@ -147,10 +165,12 @@ def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
     # benchmark-level control: every edit off scores exactly as the zero-shot base model
     main(["lmm", "eval", adapter, "--benchmark", "shapes", "--num_samples", "20",
           "--scale", "0", "--output", str(tmp_path / "eval.json")])  # fmt: skip
-    assert "shapes test (n = 5): exact match" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "shapes test (n = 5): exact match" in printed and "reliance: exact_match" in printed
     zero_shot = json.loads((tmp_path / "vqa/runs/shapes/zero-shot/seed0/results.json").read_text())
     scored = json.loads((tmp_path / "eval.json").read_text())
     assert scored["exact_match"] == zero_shot["test"]["exact_match"]
+    assert scored["reliance"]["deranged"] == zero_shot["reliance"]["deranged"]
     assert scored["predictions"][:5] == [e["prediction"] for e in zero_shot["examples"]]
     main(["lmm", "generate", "--base", str(stage1_dir), "--item", "shapes:test:0",
           "--max_new_tokens", "4"])  # fmt: skip

@@ -46,6 +46,7 @@ __all__ = [
     "generate_answers",
     "stage1",
     "tune",
+    "vqa_reliance",
 ]
 
 Method = Literal["mrt", "projector", "lora", "zero-shot"]
@@ -310,6 +311,47 @@ def generate_answers(
     return out
 
 
+def vqa_reliance(
+    model: LlavaStyleModel | MRTModel,
+    items: list[dict[str, Any]],
+    pixels: list[torch.Tensor],
+    headline: float,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 6,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Exact match again with every item's image taken from another item (the question kept).
+
+    The donors are a seeded derangement (:func:`mmtune.metrics.derangement`; each VQA item has
+    an image of its own); ``drop = headline - deranged`` is the model's reliance on the image
+    (DESIGN.md section 9), as in ``mmtune train``'s results.json. Fewer than 2 items: None."""
+    from mmtune.metrics import RELIANCE_CONVENTIONS, derangement
+
+    out: dict[str, Any] = {"metric": "exact_match", "headline": headline, "swapped": ["image"]}
+    if len(items) < 2:
+        return {**out, "deranged": None, "drop": None, "conventions": RELIANCE_CONVENTIONS}
+    donors = derangement(len(items), seed)
+    preds = generate_answers(
+        model,
+        [_prompt(it) for it in items],
+        [pixels[d] for d in donors],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+        stage="reliance",
+    )
+    deranged = exact_match(preds, [it["answer"] for it in items])
+    return {
+        **out,
+        "deranged": deranged,
+        "drop": headline - deranged,
+        "seed": seed,
+        "conventions": RELIANCE_CONVENTIONS,
+    }
+
+
 def answer(
     model: LlavaStyleModel | MRTModel,
     prompt: str,
@@ -520,7 +562,7 @@ def tune(
     if not log["main"]:  # the main process scores and writes; the others are done
         log["accelerator"].wait_for_everyone()
         return {}
-    scores, examples = {}, []
+    scores, examples, reliance = {}, [], {}
     for split in ("val", "test"):
         items = data[split]
         start = time.perf_counter()
@@ -543,6 +585,15 @@ def tune(
                 {"id": it["id"], "answer": it["answer"], "prediction": p}
                 for it, p in zip(items[:8], preds[:8], strict=True)
             ]
+            reliance = vqa_reliance(
+                model,
+                items,
+                pixels[split],
+                scores[split]["exact_match"],
+                batch_size=cfg.eval_batch_size,
+                max_new_tokens=cfg.max_new_tokens,
+                progress=answers,
+            )
     results = {
         "benchmark": cfg.benchmark,
         "method": cfg.method,
@@ -556,6 +607,7 @@ def tune(
         "losses": log["losses"],
         "val": scores["val"],
         "test": scores["test"],
+        "reliance": reliance,
         "examples": examples,
         "metric": "exact match after lower-casing, removing punctuation, collapsing spaces",
     }
@@ -588,8 +640,10 @@ def evaluate_adapter(
     batch_size: int = 16,
     max_new_tokens: int = 6,
     progress: Progress | None = None,
+    reliance: bool = True,
 ) -> dict[str, Any]:
-    """Exact match of an MRT adapter on a VQA split under ``control`` (no training);
+    """Exact match of an MRT adapter on a VQA split under ``control`` (no training), with the
+    reliance on the image (:func:`vqa_reliance`; ``reliance=False`` skips it);
     ``progress`` hears the answering, batch by batch."""
     _check_benchmarks([benchmark], "benchmark")
     data = VQA_BENCHMARKS[benchmark](num_samples=num_samples)
@@ -601,21 +655,35 @@ def evaluate_adapter(
     elif control is not None and control != MRTControl():
         raise ValueError(f"{adapter}: control applies to MRT adapters only")
     items = data[split]
+    pixels = _pixels(model.base_model if isinstance(model, MRTModel) else model, items)
     preds = generate_answers(
         model,
         [_prompt(it) for it in items],
-        _pixels(model.base_model if isinstance(model, MRTModel) else model, items),
+        pixels,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         progress=progress,
         stage=f"answer {split}",
     )
+    em = exact_match(preds, [it["answer"] for it in items])
+    extra: dict[str, Any] = {}
+    if reliance:
+        extra["reliance"] = vqa_reliance(
+            model,
+            items,
+            pixels,
+            em,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
     return {
         "adapter": str(adapter),
         "benchmark": benchmark,
         "split": split,
         "num_samples": len(items),
         "control": asdict(model.control) if isinstance(model, MRTModel) else None,
-        "exact_match": exact_match(preds, [it["answer"] for it in items]),
+        "exact_match": em,
+        **extra,
         "predictions": preds,
     }

@@ -124,6 +124,12 @@ def _claim(out: Path) -> Path | None:
     return lock
 
 
+def _drops(rs: list[dict[str, Any]]) -> dict[str, float | int | None] | None:
+    """Mean ± std of the cells' reliance drops (None when a cell predates the check)."""
+    drops = [(r.get("reliance") or {}).get("drop") for r in rs]
+    return None if any(d is None for d in drops) else mean_std(drops)
+
+
 def table_report(root: Path | str) -> dict[str, Any]:
     """Aggregate runs/*/*/seed*/results.json into vqa.json and vqa.md (mean ± std over seeds)."""
     root = Path(root)
@@ -144,6 +150,7 @@ def table_report(root: Path | str) -> dict[str, Any]:
                 "seeds": [r["seed"] for r in rs],
                 "test_exact_match": mean_std([r["test"]["exact_match"] for r in rs]),
                 "val_exact_match": mean_std([r["val"]["exact_match"] for r in rs]),
+                "reliance_drop": _drops(rs),
                 "train_seconds": mean_std([r["train_seconds"] for r in rs]),
                 "trainable": rs[0]["params"]["trainable"],
                 "total": rs[0]["params"]["total"],
@@ -153,13 +160,15 @@ def table_report(root: Path | str) -> dict[str, Any]:
         )
     _write_json(root / "vqa.json", {"rows": table, "metric": "test exact match"})
     lines = [
-        "| benchmark | method | test exact match | trainable params | share | train s | seeds |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| benchmark | method | test exact match | reliance drop | trainable params | share | "
+        "train s | seeds |",
+        "|---|---|---|---|---:|---:|---:|---|",
     ]
     for row in table:
-        em = row["test_exact_match"]
+        em, drop = row["test_exact_match"], row["reliance_drop"]
+        drop_cell = "not measured (mmtune < 0.4)" if drop is None else format_mean_std(drop)
         lines.append(
-            f"| {row['benchmark']} | {row['method']} | {format_mean_std(em)} | "
+            f"| {row['benchmark']} | {row['method']} | {format_mean_std(em)} | {drop_cell} | "
             f"{row['trainable']:,} | {100 * row['share']:.4f}% | "
             f"{row['train_seconds']['mean']:.0f} | {len(row['seeds'])} |"
         )
