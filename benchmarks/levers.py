@@ -7,6 +7,11 @@ script reads their results.json, writes ``levers.md`` (test headline, reliance d
 train loss, samples seen, seconds) and ``levers.png`` (val headline against training samples
 seen, so runs with more pairs per image line up with the others) in that folder. Runs named
 ``<lever>-seed<N>`` are also pooled with ``<lever>`` (seed 0) into a mean ± std table.
+``--reference DIR`` (repeatable) adds runs kept elsewhere as the first rows, e.g. the default
+method's run beside an ablation folder:
+
+    python benchmarks/levers.py benchmarks/results/converged/digits-ve/ablations \
+        --reference benchmarks/results/converged/digits-ve/mit
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import statistics
 from pathlib import Path
 
 
-def _rows(root: Path) -> list[dict]:
+def _rows(root: Path, references: tuple[Path, ...] = ()) -> list[dict]:
     rows = []
-    for results in sorted(root.glob("*/results.json")):
+    found = [d / "results.json" for d in references] + sorted(root.glob("*/results.json"))
+    for results in found:
         r = json.loads(results.read_text())
         key = next(iter(r["headline"]))
         n_train = r["data"]["splits"]["train"]
@@ -46,10 +52,17 @@ def _rows(root: Path) -> list[dict]:
                     "epochs": r["config"]["optim"]["epochs"],
                     "decay_every": r["config"]["optim"].get("decay_every"),
                     "map_rank": r["config"]["mit"].get("map_rank"),
-                },
+                }
+                | (_mit_shape(r["config"]["mit"]) if r["config"]["method"] == "mit" else {}),
             }
         )
     return rows
+
+
+def _mit_shape(mit: dict) -> dict:
+    """MiT's where and how: the fields the ablation grid varies."""
+    keys = ("form", "layers", "kv_infusion", "ff_infusion", "head_rescaling")
+    return {k: mit[k] for k in keys if k in mit}
 
 
 def _last_fifth_move(val: list[float]) -> float:
@@ -61,8 +74,12 @@ def _last_fifth_move(val: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("root", type=Path)
+    ap.add_argument("--reference", type=Path, action="append", default=[])
     args = ap.parse_args()
-    rows = _rows(args.root)
+    missing = [d for d in args.reference if not (d / "results.json").is_file()]
+    if missing:
+        raise SystemExit(f"{missing[0]}: no results.json")
+    rows = _rows(args.root, tuple(args.reference))
     if not rows:
         raise SystemExit(f"{args.root}: no */results.json")
     key = rows[0]["key"]
