@@ -23,10 +23,9 @@ import statistics
 from pathlib import Path
 
 
-def _rows(root: Path, references: tuple[Path, ...] = ()) -> list[dict]:
+def _rows(root: Path, references: list[Path]) -> list[dict]:
     rows = []
-    found = [d / "results.json" for d in references] + sorted(root.glob("*/results.json"))
-    for results in found:
+    for results in [d / "results.json" for d in references] + sorted(root.glob("*/results.json")):
         r = json.loads(results.read_text())
         key = next(iter(r["headline"]))
         n_train = r["data"]["splits"]["train"]
@@ -79,7 +78,7 @@ def main() -> None:
     missing = [d for d in args.reference if not (d / "results.json").is_file()]
     if missing:
         raise SystemExit(f"{missing[0]}: no results.json")
-    rows = _rows(args.root, tuple(args.reference))
+    rows = _rows(args.root, args.reference)
     if not rows:
         raise SystemExit(f"{args.root}: no */results.json")
     key = rows[0]["key"]

@@ -33,16 +33,18 @@ def _run_dir(path: Path, seed: int, test: float, val: list[float], **mit) -> Pat
     return path
 
 
+def _levers(*args: Path | str) -> subprocess.CompletedProcess:
+    script = ROOT / "benchmarks" / "levers.py"
+    cmd = [sys.executable, str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 def test_reference_rows_come_first_and_seeds_pool(tmp_path):
     ref = _run_dir(tmp_path / "elsewhere" / "mit", 0, 0.90, [0.5, 0.8, 0.9, 0.9, 0.9])
     grid = tmp_path / "ablations"
     _run_dir(grid / "form-gated", 0, 0.80, [0.5, 0.7, 0.8, 0.8, 0.82], form="gated")
     _run_dir(grid / "form-gated-seed1", 1, 0.70, [0.5, 0.6, 0.7, 0.7, 0.70], form="gated")
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "levers.py"), str(grid),
-         "--reference", str(ref)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = _levers(grid, "--reference", ref)
     assert run.returncode == 0, run.stderr[-2000:]
     table = (grid / "levers.md").read_text().splitlines()
     names = [line.split(" | ")[0] for line in table[2:5]]
@@ -56,9 +58,5 @@ def test_reference_rows_come_first_and_seeds_pool(tmp_path):
 def test_a_missing_reference_is_named(tmp_path):
     grid = tmp_path / "ablations"
     _run_dir(grid / "a", 0, 0.8, [0.8])
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "levers.py"), str(grid),
-         "--reference", str(tmp_path / "nope")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = _levers(grid, "--reference", tmp_path / "nope")
     assert run.returncode == 1 and f"{tmp_path / 'nope'}: no results.json" in run.stderr
