@@ -95,18 +95,19 @@ def test_lower_layer_cache_gives_the_same_training(assets, tmp_path):
         assert ea["val"]["accuracy"] == eb["val"]["accuracy"]
 
 
-def test_the_cache_keeps_every_sample_it_has_seen_and_none_under_training_dropout(assets):
+def test_the_cache_keeps_every_prompt_it_has_seen_and_none_under_training_dropout(assets):
     from mmtune.tasks.model import collate
     from mmtune.training.build import build
 
     model, splits, _, _ = build(_config(assets, "digits-ve", "unused", samples=40))
     ds = splits["val"]
     batch = collate([ds[i] for i in range(len(ds))], "classification")
-    assert not model.lower_cache.has(batch["id"])
+    prompts = model.prompts(batch)
+    assert not model.lower_cache.has(prompts)
     model.eval()
     with torch.no_grad():
         uncached = model(batch)["logits"]  # fills the cache
-        assert model.lower_cache.has(batch["id"])
+        assert model.lower_cache.has(prompts)
         assert torch.allclose(model(batch)["logits"], uncached, atol=1e-5)  # reads it
     model.lower_cache.states.clear()
     model.decoder_backbone.config.attention_dropout = 0.1
@@ -115,7 +116,44 @@ def test_the_cache_keeps_every_sample_it_has_seen_and_none_under_training_dropou
     assert not model.lower_cache.states  # dropout in training: states differ per pass
     model.eval()
     model(batch)
-    assert model.lower_cache.has(batch["id"])  # evaluation still keeps them
+    assert model.lower_cache.has(prompts)  # evaluation still keeps them
+
+
+def test_samples_with_the_same_prompt_share_one_cache_entry(assets):
+    # The frozen layers below the first infused one read only the prompt: one entry per
+    # distinct prompt, which serves samples of other images (and other splits) too.
+    from mmtune.tasks.model import collate
+    from mmtune.training.build import build
+
+    model, splits, _, _ = build(_config(assets, "digits-ve", "unused", samples=60))
+    model.eval()
+    train, test = splits["train"], splits["test"]
+    seen = collate([train[i] for i in range(len(train))], "classification")
+    with torch.no_grad():
+        model(seen)
+    distinct = set(model.prompts(seen))
+    assert len(distinct) < len(train)  # the generator's hypotheses repeat
+    assert set(model.lower_cache.states) == distinct
+    states = model.lower_cache.states
+    marked = {p: t + 1.0 for p, t in states.items()}  # stand-ins a second store would replace
+    states.update(marked)
+    missing = next(iter(distinct))
+    del states[missing]
+    with torch.no_grad():  # a batch lacking one prompt: the full forward stores only that one
+        model(collate([train[i] for i in reversed(range(len(train)))], "classification"))
+    assert set(states) == distinct
+    assert all(torch.equal(states[p], t) for p, t in marked.items() if p != missing)
+    assert not torch.equal(states[missing], marked[missing])
+    states.update({p: t - 1.0 for p, t in marked.items() if p != missing})
+    wording = model.prompts(collate([test[i] for i in range(len(test))], "classification"))
+    known = [i for i, prompt in enumerate(wording) if prompt in distinct]
+    other = collate([test[i] for i in known], "classification")
+    assert known and model.lower_cache.has(model.prompts(other))
+    with torch.no_grad():
+        cached = model(other)["logits"]  # other images, prompts seen: the upper layers only
+        model.lower_cache = None
+        full = model(other)["logits"]
+    assert torch.allclose(cached, full, atol=1e-5)
 
 
 def _yaml(assets, tmp_path, out: Path, epochs: int, samples: int) -> Path:

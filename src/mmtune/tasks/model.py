@@ -15,7 +15,7 @@ already in the LLM).
 
 Frozen-encoder features are computed once per split (and cached on disk when asked). The hidden
 states below the first infused layer do not depend on I, so with ``cache_lower_layers`` they
-are computed once per sample, in a fixed order, and every training step runs only the layers
+are computed once per distinct prompt, and every training step runs only the layers
 from the first infused one up (:class:`LowerLayerCache`).
 """
 
@@ -310,26 +310,30 @@ class TaskModel(nn.Module):
 
     @torch.no_grad()
     def fill_lower_cache(self, batches: Iterator[dict[str, Any]]) -> None:
-        """Compute the states entering the first infused layer for every sample, in order."""
+        """Compute the states entering the first infused layer for every prompt not cached
+        yet, batch by batch in the order given (as the forwards of :meth:`text_vector` would
+        have kept them)."""
         cache = self.lower_cache
         assert cache is not None
         for batch in batches:
-            enc = self.tokenize(self.prompts(batch))
+            prompts = self.prompts(batch)
+            if cache.has(prompts):
+                continue
+            enc = self.tokenize(prompts)
             hidden = states_entering(  # (B, T, d), left-padded
                 self.decoder_backbone,
                 cache.first_layer,
                 **enc,
                 position_ids=position_ids_from_mask(enc["attention_mask"]),
             )
-            for row, sid in enumerate(batch["id"]):
-                keep = enc["attention_mask"][row].bool()
-                cache.states[sid] = hidden[row, keep].detach().cpu()  # (T_i, d)
+            cache.keep(prompts, hidden, enc["attention_mask"])
 
     def text_vector(self, batch: dict[str, Any], modality: torch.Tensor | None) -> torch.Tensor:
         """The pooled hidden state (B, d) of the (infused) prompts."""
         keep = None  # a hook that fills the lower-layer cache from this very forward
-        if self._upper_layers_only() and self.lower_cache.has(batch["id"]):
-            states = [self.lower_cache.states[i] for i in batch["id"]]
+        prompts = self.prompts(batch)
+        if self._upper_layers_only() and self.lower_cache.has(prompts):
+            states = [self.lower_cache.states[p] for p in prompts]
             t = max(s.shape[0] for s in states)
             device = next(self.parameters()).device
             embeds = torch.zeros(len(states), t, states[0].shape[1], device=device)
@@ -342,10 +346,10 @@ class TaskModel(nn.Module):
             }
             layers = layer_slice(self.decoder_backbone, self.lower_cache.first_layer - 1, None)
         else:
-            inputs = self.tokenize(self.prompts(batch))
+            inputs = self.tokenize(prompts)
             mask = inputs["attention_mask"]
             if self._upper_layers_only() and not (self.training and self._lower_dropout()):
-                keep = self._keeper(batch["id"], mask)
+                keep = self._keeper(prompts, mask)
             if self.task_token is not None or self.projector is not None:
                 embeds = self.decoder_backbone.get_input_embeddings()(inputs["input_ids"])
                 if self.task_token is not None:  # left padding: the token lands at position T
@@ -380,15 +384,14 @@ class TaskModel(nn.Module):
         drops = [m.p for layer in below for m in layer.modules() if isinstance(m, nn.Dropout)]
         return any(float(r) > 0 for r in rates + drops)
 
-    def _keeper(self, ids: list[str], mask: torch.Tensor) -> Any:
-        """A hook that stores, per id, the states entering the first infused layer."""
+    def _keeper(self, prompts: list[str], mask: torch.Tensor) -> Any:
+        """A hook that stores the states entering the first infused layer of each prompt the
+        cache lacks."""
         cache = self.lower_cache
         assert cache is not None
 
         def store(module: nn.Module, args: Any, out: Any) -> None:
-            hidden = (out[0] if isinstance(out, tuple) else out).detach()  # (B, T, d)
-            for row, sid in enumerate(ids):
-                cache.states[sid] = hidden[row, mask[row].bool()].cpu()  # (T_i, d)
+            cache.keep(prompts, out[0] if isinstance(out, tuple) else out, mask)  # (B, T, d)
 
         return self.decoder_backbone.layers[cache.first_layer - 2].register_forward_hook(store)
 
