@@ -140,6 +140,25 @@ def test_feature_cache_for_an_image_set(tmp_path):
     assert cache.last_hit is False  # other preprocessing
 
 
+def test_a_repeated_image_is_encoded_once(tmp_path):
+    torch.manual_seed(0)
+    enc = load_vision_encoder(ViTModel(ViTConfig(**TINY)), layers=(1, 2, 4))
+    cat, camera = skimage.data.chelsea(), skimage.data.camera()
+    path = tmp_path / "camera.png"
+    Image.fromarray(camera).save(path)
+    # the same pixels three times (one as a copy), the same file twice (once by another name)
+    images = [cat, path, cat.copy(), str(tmp_path / "." / "camera.png"), cat]
+    seen: list[int] = []
+    encode = enc.encode
+    enc.encode = lambda batch: (seen.append(len(batch)), encode(batch))[1]
+    got = encode_images(enc, images, batch_size=4)
+    assert sum(seen) == 2  # two distinct images, one pass each
+    want = encode([cat, camera, cat, camera, cat])
+    torch.testing.assert_close(got["pooled"], want.pooled)
+    for i in range(3):
+        torch.testing.assert_close(got[f"level{i}"], want.levels[i])
+
+
 # ----------------------------------------------------------------------------- input handling
 
 

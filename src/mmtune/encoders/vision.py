@@ -118,6 +118,26 @@ def _input_fingerprint(images: Sequence[ImageLike]) -> str:
     return content_hash(parts)
 
 
+def _distinct(images: Sequence[ImageLike]) -> tuple[list[ImageLike], list[int]]:
+    """(the distinct images in first-seen order, each input's index among them).
+
+    A path is known by its resolved name, pixels (arrays, PIL images) by their bytes: the
+    several hypotheses or expressions of one image share one encoder pass."""
+    seen: dict[tuple[str, str], int] = {}
+    distinct: list[ImageLike] = []
+    index: list[int] = []
+    for im in images:
+        if isinstance(im, str | os.PathLike):
+            key = ("path", os.path.realpath(os.fspath(im)))
+        else:
+            key = ("pixels", content_hash([np.asarray(im)]))
+        if key not in seen:
+            seen[key] = len(distinct)
+            distinct.append(im)
+        index.append(seen[key])
+    return distinct, index
+
+
 def encode_images(
     encoder: VisionEncoder,
     images: Sequence[ImageLike],
@@ -130,20 +150,27 @@ def encode_images(
 ) -> dict[str, torch.Tensor]:
     """Features of a whole image set: ``pooled`` (N, d) and, with ``levels``, ``level{0,1,2}``.
 
-    With a cache, the features are computed once and reused while the encoder weights, the
-    preprocessing and the image contents stay the same. ``progress`` hears ``encode {name}``
-    per batch of images actually encoded (a cache hit reports nothing).
+    Each distinct image is encoded once (the same path, or the same pixels, repeated across
+    items: several hypotheses per SNLI-VE image, several expressions per RefCOCO scene) and
+    its rows are repeated for every item that shows it. With a cache, the features are computed
+    once and reused while the encoder weights, the preprocessing and the image contents stay
+    the same. ``progress`` hears ``encode {name}`` per batch of distinct images actually
+    encoded (a cache hit reports nothing).
     """
 
     def compute() -> dict[str, torch.Tensor]:
+        distinct, index = _distinct(images)
         chunks: list[VisionFeatures] = []
-        starts = range(0, len(images), batch_size)
+        starts = range(0, len(distinct), batch_size)
         for start in tracked(starts, progress, f"encode {name}", len(starts)):
-            chunks.append(encoder.encode(images[start : start + batch_size]))
+            chunks.append(encoder.encode(distinct[start : start + batch_size]))
         out = {"pooled": torch.cat([c.pooled for c in chunks]).float().cpu()}
         if levels:
             for i in range(3):
                 out[f"level{i}"] = torch.cat([c.levels[i] for c in chunks]).float().cpu()
+        if len(distinct) < len(images):
+            rows = torch.tensor(index)  # (N,): each item's row among the distinct images
+            out = {k: v[rows] for k, v in out.items()}
         return out
 
     if len(images) == 0:
