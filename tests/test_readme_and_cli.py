@@ -84,8 +84,8 @@ def test_every_config_parses(path):
             mp.chdir(ROOT)  # the grids name their files relative to the repository
             cfg = command.config(**{k: v for k, v in ns.items() if k in names})
         assert cfg.benchmarks and cfg.seeds == [0, 1, 2]
-        if path.parent.name == "lmm":
-            assert cfg.stage1.num_samples == 200
+        if path.parent.name == "lmm":  # stage 1 never captions a tuned run's val or test images
+            assert 0 < cfg.stage1.num_samples <= cfg.num_samples
     elif path.name == "smoke.yaml":
         parser = auto_parser(cli.smoke, as_positional=False)
         assert parser.instantiate(parser.parse_path(str(path))).settings.steps > 0

@@ -144,8 +144,14 @@ def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
     # lmm table from the CLI: every flag reaches TableConfig (adapters kept on request)
     main(["lmm", "table", "--base", str(stage1_dir), "--benchmarks", "[shapes]", "--methods",
           "[mrt]", "--seeds", "[3]", "--epochs", "1", "--num_samples", "20", "--output_dir",
-          str(tmp_path / "vqa"), "--save_adapters", "true"])  # fmt: skip
+          str(tmp_path / "vqa"), "--save_adapters", "true", "--lr", "{mrt: 0.05}",
+          "--decay_every", "1", "--decay_gamma", "0.5"])  # fmt: skip
     assert (tmp_path / "vqa/runs/shapes/mrt/seed3/adapter/adapter.safetensors").is_file()
+    seed3 = json.loads((tmp_path / "vqa/runs/shapes/mrt/seed3/results.json").read_text())
+    assert seed3["lr"] == 0.05
+    assert (seed3["config"]["decay_every"], seed3["config"]["decay_gamma"]) == (1, 0.5)
+    with pytest.raises(ValueError, match=r"TableConfig.lr: \['full'\]"):
+        TableConfig(lr={"full": 1e-3})
     assert not (tmp_path / "vqa/runs/shapes/mrt/seed0/adapter").exists()
     assert "| shapes | mrt |" in capsys.readouterr().out
 
@@ -189,3 +195,20 @@ def test_stage1_and_tune_configs_reject_bad_values(tmp_path):
         TuneConfig(method="full")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"MRTConfig.llm_rank"):
         MRTConfig(llm_rank=0)
+
+
+def test_tune_refuses_a_base_that_captioned_its_test_images(stage1_dir, tmp_path):
+    # stage 1 captioned the train images of 20 items: 12 of them; with num_samples 10 this
+    # run's val and test images (items 6-9) are among those
+    cfg = TuneConfig(
+        benchmark="digits", method="zero-shot", base=stage1_dir, num_samples=10,
+        output_dir=tmp_path / "leak",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="stage 1 captioned the train images of 20 digits"):
+        tune(cfg)
+    assert not (tmp_path / "leak").exists()
+    broken = tmp_path / "base"
+    broken.mkdir()
+    (broken / "results.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"not stage 1's results\.json"):
+        tune(TuneConfig(benchmark="digits", method="zero-shot", base=broken, output_dir=tmp_path))

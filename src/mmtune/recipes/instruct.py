@@ -521,6 +521,30 @@ def load_tuned(adapter: str | Path) -> LlavaStyleModel | MRTModel:
     return load_lmm_adapter(adapter)
 
 
+def _check_unseen(cfg: TuneConfig) -> None:
+    """Refuse a stage-1 base that captioned this run's val or test images.
+
+    A benchmark's items are a prefix of one fixed sequence and train comes first, so stage 1's
+    train images (the first 60 % of its ``num_samples``) stay inside this run's train split
+    exactly when stage 1 used at most this run's ``num_samples``. A base without stage 1's
+    results.json (built elsewhere) is not checked."""
+    path = cfg.base / "results.json"
+    if not path.is_file():
+        return
+    try:
+        s1 = json.loads(path.read_text()).get("config", {})
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{path}: not stage 1's results.json ({err})") from None
+    used = s1.get("num_samples")
+    seen = cfg.benchmark in s1.get("benchmarks", []) and isinstance(used, int)
+    if seen and used > cfg.num_samples:
+        raise ValueError(
+            f"{path}: stage 1 captioned the train images of {used} {cfg.benchmark} items, "
+            f"more than this run's num_samples {cfg.num_samples}, so some of its val or "
+            f"test images were seen; use num_samples >= {used} or another base"
+        )
+
+
 def tune(
     cfg: TuneConfig,
     progress: Callable[[int, int, float], None] | None = None,
@@ -532,6 +556,7 @@ def tune(
     answering, batch by batch (:mod:`mmtune.utils.progress`)."""
     _threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    _check_unseen(cfg)
     base = load_lmm(cfg.base)
     tuning = get_lmm_tuning(cfg.method)
     model = tuning.prepare(base, cfg.mrt, cfg.peft)

@@ -48,6 +48,13 @@ class TableConfig:
     """Items per benchmark."""
     batch_size: int = 8
     """Samples per step (every method)."""
+    lr: dict[str, float] = field(default_factory=dict)
+    """Learning rate by method name (a method left out: its default, LMMTuning.default_lr)."""
+    decay_every: int | None = None
+    """Every method: multiply the learning rate by decay_gamma every this many epochs (null:
+    constant)."""
+    decay_gamma: float = 0.1
+    """Step-decay factor."""
     mrt: MRTConfig = field(default_factory=MRTConfig)
     """MRT edits."""
     output_dir: Path = Path("benchmarks/results/vqa")
@@ -62,6 +69,9 @@ class TableConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"TableConfig.methods: {bad} not among {METHODS}")
+        unknown = [m for m in self.lr if m not in METHODS]
+        if unknown:
+            raise ValueError(f"TableConfig.lr: {unknown} not among {METHODS}")
         self.base, self.output_dir = Path(self.base), Path(self.output_dir)
 
 
@@ -93,6 +103,9 @@ def vqa_table(cfg: TableConfig, log: Callable[[str], None] | None = None) -> dic
                             num_samples=cfg.num_samples,
                             epochs=cfg.epochs,
                             batch_size=cfg.batch_size,
+                            lr=cfg.lr.get(method),
+                            decay_every=cfg.decay_every,
+                            decay_gamma=cfg.decay_gamma,
                             seed=seed,
                             output_dir=out,
                             save_adapter=cfg.save_adapters,
