@@ -22,6 +22,7 @@ from mmtune.recipes.instruct import (
     TuneConfig,
     _pixels,
     _prompt,
+    fit,
     generate_answers,
     load_tuned,
     stage1,
@@ -68,10 +69,13 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
     assert rel["drop"] == pytest.approx(rel["headline"] - rel["deranged"]) and rel["seed"] == 0
     assert [d for s, d, _ in waits if s == "reliance"][-1] == 1  # one batch of 5 items
     if method == "zero-shot":
-        assert r["params"]["trainable"] == 0 and r["steps"] == 0
+        assert r["params"]["trainable"] == 0 and r["steps"] == 0 and saved["curve"] == []
         assert not (out / "adapter").exists()
     else:
         assert r["steps"] == 2 and r["params"]["trainable"] > 0
+        # the epoch's val score is the final one, answered once
+        assert [c["val_exact_match"] for c in saved["curve"]] == [saved["val"]["exact_match"]]
+        assert len([d for s, d, _ in waits if s == "answer val" and d == 0]) == 1
         weights = "adapter_model" if method == "lora" else "adapter"  # LoRA: PEFT's own format
         assert (out / "adapter" / f"{weights}.safetensors").is_file()
         card = (out / "adapter" / "README.md").read_text()
@@ -116,6 +120,43 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
             "llm.0",
             "llm.2",
         ]  # -1: the last block read
+
+
+def test_val_curve_does_not_change_training(stage1_dir, tmp_path):
+    """Scoring val after each epoch leaves the training itself as it was."""
+    runs = {}
+    for curve in (True, False):
+        cfg = TuneConfig(
+            benchmark="shapes", method="mrt", base=stage1_dir, num_samples=20, epochs=3,
+            batch_size=6, lr=1e-2, mrt=MRTConfig(llm_layers=[0, 2], first=2, last=2),
+            val_curve=curve, output_dir=tmp_path / str(curve), save_adapter=False,
+            checkpoint=False,
+        )  # fmt: skip
+        runs[curve] = tune(cfg)
+    assert runs[True]["losses"] == runs[False]["losses"] and len(runs[True]["losses"]) == 6
+    assert [c["epoch"] for c in runs[True]["curve"]] == [1, 2, 3]
+    assert all(c["val_exact_match"] is None for c in runs[False]["curve"])
+    assert runs[True]["curve"][-1]["val_exact_match"] == runs[True]["val"]["exact_match"]
+
+
+def test_fit_puts_the_model_back_in_training_mode_after_validate(stage1_dir):
+    model = load_lmm(stage1_dir)
+    model.projector.requires_grad_(True)
+    items = VQA_BENCHMARKS["digits"](num_samples=20)["train"]
+    modes, epochs = [], []
+
+    def validate(epoch):
+        model.eval()  # as answering does
+        epochs.append(epoch)
+        return {"exact_match": 0.5}
+
+    log = fit(
+        model, items, _pixels(model, items), prompt=_prompt, target="answer", epochs=2,
+        batch_size=6, lr=1e-2, seed=0, validate=validate,
+        on_step=lambda *_: modes.append(model.projector.training),
+    )  # fmt: skip
+    assert epochs == [1, 2] and modes == [True, True, True, True]
+    assert [e["val"] for e in log["epochs"]] == [{"exact_match": 0.5}] * 2
 
 
 def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):

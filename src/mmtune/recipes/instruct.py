@@ -133,6 +133,9 @@ class TuneConfig:
     """Greedy tokens generated per answer."""
     eval_batch_size: int = 16
     """Samples per generation batch."""
+    val_curve: bool = True
+    """Score val exact match after every epoch (results.json ``curve``; the last epoch's score
+    is the final val score, not computed twice)."""
     output_dir: Path = Path("runs/lmm/tune")
     """results.json and the adapter go here."""
     save_adapter: bool = True
@@ -184,7 +187,7 @@ class _LossOf(nn.Module):
         return self.model.loss(batch)
 
 
-RESUMABLE_LMM = {"epochs", "resume", "threads", "output_dir"}
+RESUMABLE_LMM = {"epochs", "resume", "threads", "output_dir", "val_curve"}
 """TuneConfig / Stage1Config fields a resumed run may change."""
 
 
@@ -218,10 +221,14 @@ def fit(
     resume: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
     stage: str = "epoch",
+    validate: Callable[[int], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """AdamW (no weight decay) on the trainable tensors with next-token loss on
     ``item[target]``, through the shared loop (:func:`mmtune.training.loop.fit`: accelerate,
-    DDP, schedule, clipping, epoch checkpoints in ``out``, ``resume``)."""
+    DDP, schedule, clipping, epoch checkpoints in ``out``, ``resume``).
+
+    ``validate(epoch)`` scores the model after each epoch (the main process only); the model is
+    put back in training mode afterwards. The returned ``"epochs"`` is the per-epoch curve."""
     from accelerate import Accelerator
 
     base = model.base_model if isinstance(model, MRTModel) else model
@@ -260,6 +267,13 @@ def fit(
             pixel_values=[pixels[i] for i in idx],
         ).to(accelerator.device)
 
+    def score(_prepared: Any, epoch: int) -> dict[str, float]:
+        if validate is None or not accelerator.is_main_process:
+            return {}
+        val = validate(epoch)
+        model.train()
+        return val
+
     fitted = loop.fit(
         _LossOf(model),
         accelerator=accelerator,
@@ -272,11 +286,13 @@ def fit(
         resume=resume,
         progress=progress if accelerator.is_main_process else None,
         stage=stage,
+        validate=score if validate is not None else None,
     )
     model.eval()
     losses = fitted.history["step_loss"]
     return {
         "losses": losses,
+        "epochs": fitted.history["epochs"],
         "train_seconds": fitted.train_seconds,
         "steps": len(losses),
         "processes": accelerator.num_processes,
@@ -563,7 +579,30 @@ def tune(
     data = VQA_BENCHMARKS[cfg.benchmark](num_samples=cfg.num_samples)
     pixels = {k: _pixels(base, v) for k, v in data.items()}
     log: dict[str, Any] = {"train_seconds": 0.0, "losses": [], "steps": 0, "processes": 1}
-    log["main"], log["accelerator"] = True, None
+    log["main"], log["accelerator"], log["epochs"] = True, None, []
+    scores: dict[str, dict[str, Any]] = {}
+
+    def score(split: str) -> dict[str, Any]:
+        items, start = data[split], time.perf_counter()
+        preds = generate_answers(
+            model,
+            [_prompt(it) for it in items],
+            pixels[split],
+            batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            progress=answers,
+            stage=f"answer {split}",
+        )
+        scores[split] = {
+            "exact_match": exact_match(preds, [it["answer"] for it in items]),
+            "num_samples": len(items),
+            "seconds": time.perf_counter() - start,
+        }
+        return {"preds": preds, **scores[split]}
+
+    def val_epoch(epoch: int) -> dict[str, float]:
+        return {"exact_match": score("val")["exact_match"]}
+
     if tuning.trains:
         log = fit(
             model,
@@ -583,42 +622,37 @@ def tune(
             resume=cfg.resume,
             on_step=progress,
             stage=f"{cfg.method} epoch",
+            validate=val_epoch if cfg.val_curve else None,
         )
     if not log["main"]:  # the main process scores and writes; the others are done
         log["accelerator"].wait_for_everyone()
         return {}
-    scores, examples, reliance = {}, [], {}
-    for split in ("val", "test"):
-        items = data[split]
-        start = time.perf_counter()
-        preds = generate_answers(
-            model,
-            [_prompt(it) for it in items],
-            pixels[split],
-            batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            progress=answers,
-            stage=f"answer {split}",
-        )
-        scores[split] = {
-            "exact_match": exact_match(preds, [it["answer"] for it in items]),
-            "num_samples": len(items),
-            "seconds": time.perf_counter() - start,
+    # the last epoch's val score is the final one (a resumed run that trained no epoch: none)
+    if not (cfg.val_curve and tuning.trains and log["epochs"] and "val" in scores):
+        score("val")
+    items, preds = data["test"], score("test")["preds"]
+    examples = [
+        {"id": it["id"], "answer": it["answer"], "prediction": p}
+        for it, p in zip(items[:8], preds[:8], strict=True)
+    ]
+    reliance = vqa_reliance(
+        model,
+        items,
+        pixels["test"],
+        scores["test"]["exact_match"],
+        batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        progress=answers,
+    )
+    curve = [
+        {
+            "epoch": e["epoch"],
+            "train_loss": e["train_loss"],
+            "val_exact_match": (e.get("val") or {}).get("exact_match"),
+            "seconds": e["seconds"],
         }
-        if split == "test":
-            examples = [
-                {"id": it["id"], "answer": it["answer"], "prediction": p}
-                for it, p in zip(items[:8], preds[:8], strict=True)
-            ]
-            reliance = vqa_reliance(
-                model,
-                items,
-                pixels[split],
-                scores[split]["exact_match"],
-                batch_size=cfg.eval_batch_size,
-                max_new_tokens=cfg.max_new_tokens,
-                progress=answers,
-            )
+        for e in log["epochs"]
+    ]
     results = {
         "benchmark": cfg.benchmark,
         "method": cfg.method,
@@ -630,6 +664,7 @@ def tune(
         "steps": log["steps"],
         "processes": log["processes"],
         "losses": log["losses"],
+        "curve": curve,
         "val": scores["val"],
         "test": scores["test"],
         "reliance": reliance,
