@@ -171,6 +171,11 @@ def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
     assert "| shapes | mrt |" in md and "| reliance drop |" in md
     mrt_row = next(r for r in table["rows"] if r["method"] == "mrt")
     assert mrt_row["reliance_drop"]["n"] == 2 and "not measured" not in md
+    seeds = [json.loads((tmp_path / f"vqa/runs/shapes/mrt/seed{s}/results.json").read_text())
+             for s in (0, 1)]  # fmt: skip
+    mean = sum(r["curve"][0]["val_exact_match"] for r in seeds) / 2
+    assert mrt_row["val_by_epoch"] == [pytest.approx(mean)] and f"| {mean:.3f} |" in md
+    assert (tmp_path / "vqa" / "curves.png").stat().st_size > 0
     mtime = (tmp_path / "vqa/runs/shapes/mrt/seed1/results.json").stat().st_mtime
     vqa_table(cfg)  # resumable: finished cells are reused
     assert (tmp_path / "vqa/runs/shapes/mrt/seed1/results.json").stat().st_mtime == mtime

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mmtune.methods.lmm_tuning import get_lmm_tuning
 from mmtune.methods.mrt import MRTConfig
 from mmtune.recipes.instruct import (
@@ -147,9 +149,11 @@ def table_report(root: Path | str) -> dict[str, Any]:
     """Aggregate runs/*/*/seed*/results.json into vqa.json and vqa.md (mean ± std over seeds)."""
     root = Path(root)
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    runs = []
     for path in sorted(root.glob("runs/*/*/seed*/results.json")):
         r = json.loads(path.read_text())
         rows.setdefault((r["benchmark"], r["method"]), []).append(r)
+        runs.append(r)
     if not rows:
         raise FileNotFoundError(f"{root}/runs: no results.json yet")
     table = []
@@ -169,22 +173,36 @@ def table_report(root: Path | str) -> dict[str, Any]:
                 "total": rs[0]["params"]["total"],
                 "share": rs[0]["params"]["share"],
                 "lr": rs[0]["lr"],
+                "val_by_epoch": _val_by_epoch(rs),
             }
         )
     _write_json(root / "vqa.json", {"rows": table, "metric": "test exact match"})
     lines = [
-        "| benchmark | method | test exact match | reliance drop | trainable params | share | "
-        "train s | seeds |",
-        "|---|---|---|---|---:|---:|---:|---|",
+        "| benchmark | method | test exact match | reliance drop | val by epoch (seed mean) | "
+        "trainable params | share | train s | seeds |",
+        "|---|---|---|---|---|---:|---:|---:|---|",
     ]
     for row in table:
         em, drop = row["test_exact_match"], row["reliance_drop"]
         drop_cell = "not measured (mmtune < 0.4)" if drop is None else format_mean_std(drop)
+        curve = " → ".join(f"{v:.3f}" for v in row["val_by_epoch"]) or "-"
         lines.append(
             f"| {row['benchmark']} | {row['method']} | {format_mean_std(em)} | {drop_cell} | "
-            f"{row['trainable']:,} | {100 * row['share']:.4f}% | "
+            f"{curve} | {row['trainable']:,} | {100 * row['share']:.4f}% | "
             f"{row['train_seconds']['mean']:.0f} | {len(row['seeds'])} |"
         )
     with atomic_write(root / "vqa.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+    if any(r.get("losses") for r in runs):
+        from mmtune.reporting.plots import vqa_curves_picture
+
+        vqa_curves_picture(root / "curves.png", runs)
     return {"rows": table}
+
+
+def _val_by_epoch(rs: list[dict[str, Any]]) -> list[float]:
+    """Mean val exact match over the seeds after each epoch ([] when a cell has no curve)."""
+    curves = [[c["val_exact_match"] for c in r.get("curve", [])] for r in rs]
+    if not curves or any(not c or None in c for c in curves) or len({len(c) for c in curves}) > 1:
+        return []
+    return [float(np.mean(v)) for v in zip(*curves, strict=True)]

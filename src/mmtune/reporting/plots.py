@@ -9,7 +9,7 @@ import numpy as np
 
 from mmtune.utils.io import atomic_write
 
-__all__ = ["mask_picture", "scatter_picture", "write_pictures"]
+__all__ = ["mask_picture", "scatter_picture", "vqa_curves_picture", "write_pictures"]
 
 
 def _save(fig: Any, path: Path) -> str:
@@ -45,6 +45,35 @@ def write_pictures(out: Path, task: Any, history: dict, test: dict, split: Any) 
     plt.close(fig)
     pictures.update(task.pictures(out, test["rows"], test, split))
     return pictures
+
+
+def vqa_curves_picture(path: Path, runs: list[dict]) -> str:
+    """The VQA table's curves: per benchmark, every cell's training loss (a 20-step moving
+    mean) and its val exact match after each epoch; ``runs`` are the cells' results.json."""
+    plt = _pyplot()
+    benches = sorted({r["benchmark"] for r in runs})
+    fig, axes = plt.subplots(len(benches), 2, figsize=(10, 3.2 * len(benches)), squeeze=False)
+    for (a, b), bench in zip(axes, benches, strict=True):
+        for r in (r for r in runs if r["benchmark"] == bench and r.get("losses")):
+            label = f"{r['method']} s{r['seed']}"
+            loss = np.asarray(r["losses"], dtype=float)
+            k = min(20, len(loss))
+            a.plot(np.convolve(loss, np.ones(k) / k, mode="valid"), lw=0.8, label=label)
+            curve = [c for c in r.get("curve", []) if c["val_exact_match"] is not None]
+            if curve:
+                b.plot(
+                    [c["epoch"] for c in curve],
+                    [c["val_exact_match"] for c in curve],
+                    marker="o",
+                    label=label,
+                )
+        a.set(title=f"{bench}: training loss (20-step mean)", xlabel="step", yscale="log")
+        b.set(title=f"{bench}: val exact match", xlabel="epoch", ylim=(0, 1))
+        a.legend(fontsize=7)
+        b.legend(fontsize=7)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
 
 
 def scatter_picture(path: Path, rows: list[dict], mae: float) -> str:
