@@ -159,6 +159,26 @@ def test_fit_puts_the_model_back_in_training_mode_after_validate(stage1_dir):
     assert [e["val"] for e in log["epochs"]] == [{"exact_match": 0.5}] * 2
 
 
+def test_table_rebuilds_a_base_without_its_weights(stage1_dir, tmp_path):
+    """A committed base keeps adapter_config.json and results.json, not the weights."""
+    import shutil
+
+    base = tmp_path / "stage1"
+    shutil.copytree(stage1_dir, base)
+    (base / "adapter.safetensors").unlink()
+    lmm = LMMConfig(
+        llm=str(stage1_dir.parent / "llm"), vision=str(stage1_dir.parent / "vit"),
+        system_prompt=None,
+    )  # fmt: skip
+    lines = []
+    cfg = TableConfig(
+        base=base, stage1=Stage1Config(lmm=lmm, num_samples=20, batch_size=8),
+        benchmarks=["digits"], methods=["zero-shot"], num_samples=20, output_dir=tmp_path / "vqa",
+    )  # fmt: skip
+    vqa_table(cfg, log=lines.append)
+    assert lines[0] == f"stage 1 -> {base}" and (base / "adapter.safetensors").is_file()
+
+
 def test_table_and_lmm_cli(stage1_dir, tmp_path, capsys):
     cfg = TableConfig(
         base=stage1_dir, benchmarks=["shapes"], methods=["zero-shot", "mrt"], seeds=[0, 1],

@@ -25,6 +25,7 @@ from mmtune.recipes.instruct import (
     tune,
 )
 from mmtune.reporting.tables import format_mean_std, mean_std
+from mmtune.utils.adapter_file import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from mmtune.utils.io import atomic_write
 
 __all__ = ["TableConfig", "table_report", "vqa_table"]
@@ -80,7 +81,8 @@ class TableConfig:
 def vqa_table(cfg: TableConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every missing cell (finished ones are reused), then write vqa.json / vqa.md."""
     log = log or (lambda _line: None)
-    if not (cfg.base / "adapter_config.json").is_file():
+    # both files: a committed base keeps its config and results, not its weights
+    if not all((cfg.base / name).is_file() for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)):
         log(f"stage 1 -> {cfg.base}")
         stage1(Stage1Config(**{**vars(cfg.stage1), "output_dir": cfg.base}))
     for bench in cfg.benchmarks:
