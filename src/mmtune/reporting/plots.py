@@ -69,8 +69,10 @@ def vqa_curves_picture(path: Path, runs: list[dict]) -> str:
                 )
         a.set(title=f"{bench}: training loss (20-step mean)", xlabel="step", yscale="log")
         b.set(title=f"{bench}: val exact match", xlabel="epoch", ylim=(0, 1))
+        b.xaxis.get_major_locator().set_params(integer=True)
         a.legend(fontsize=7)
         b.legend(fontsize=7)
+    fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)
     return out
