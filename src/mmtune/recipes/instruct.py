@@ -286,7 +286,7 @@ def fit(
         resume=resume,
         progress=progress if accelerator.is_main_process else None,
         stage=stage,
-        validate=score if validate is not None else None,
+        validate=score,
     )
     model.eval()
     losses = fitted.history["step_loss"]
@@ -627,8 +627,7 @@ def tune(
     if not log["main"]:  # the main process scores and writes; the others are done
         log["accelerator"].wait_for_everyone()
         return {}
-    # the last epoch's val score is the final one (a resumed run that trained no epoch: none)
-    if not (cfg.val_curve and tuning.trains and log["epochs"] and "val" in scores):
+    if "val" not in scores:  # else the last epoch's val score is the final one
         score("val")
     items, preds = data["test"], score("test")["preds"]
     examples = [

@@ -151,11 +151,9 @@ def table_report(root: Path | str) -> dict[str, Any]:
     """Aggregate runs/*/*/seed*/results.json into vqa.json and vqa.md (mean ± std over seeds)."""
     root = Path(root)
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    runs = []
     for path in sorted(root.glob("runs/*/*/seed*/results.json")):
         r = json.loads(path.read_text())
         rows.setdefault((r["benchmark"], r["method"]), []).append(r)
-        runs.append(r)
     if not rows:
         raise FileNotFoundError(f"{root}/runs: no results.json yet")
     table = []
@@ -195,6 +193,7 @@ def table_report(root: Path | str) -> dict[str, Any]:
         )
     with atomic_write(root / "vqa.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+    runs = [r for rs in rows.values() for r in rs]
     if any(r.get("losses") for r in runs):
         from mmtune.reporting.plots import vqa_curves_picture
 
