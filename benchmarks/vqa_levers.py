@@ -1,12 +1,11 @@
 """Summarise a VQA lever study: one row and one curve per `mmtune lmm tune` run directory.
 
-    python benchmarks/vqa_levers.py benchmarks/results/vqa-converged/levers \
-        --reference benchmarks/results/vqa-converged/runs/digits/mrt/seed0 \
-        --reference benchmarks/results/vqa-converged/runs/shapes/mrt/seed0
+    python benchmarks/vqa_levers.py benchmarks/results/vqa-converged/levers
 
 Each sub-folder of the first argument holds one run's results.json (folder name: the lever);
-``--reference`` adds runs kept elsewhere (named "default"). Writes ``levers.md`` (test exact
-match, reliance drop, val after each epoch, last train loss, trainable parameters, seconds)
+``--reference`` adds runs kept elsewhere (named "default"). Writes ``levers.md`` (lr, MRT's
+positions and ranks, test exact match, reliance drop, val after each epoch, last train loss,
+trainable parameters, seconds)
 and ``levers.png`` (mmtune.reporting.plots.vqa_curves_picture) in the first folder.
 """
 
@@ -35,14 +34,18 @@ def main() -> None:
         )
         runs.append({**r, "method": lever})  # the picture's labels
     lines = [
-        "| benchmark | run | lr | test exact match | reliance drop | val by epoch | "
-        "last-epoch train loss | trainable | train s |",
-        "|---|---|---|---|---|---|---|---:|---:|",
+        "| benchmark | run | lr | first p / last s | ranks (vision / projector / LLM) | "
+        "test exact match | reliance drop | val by epoch | last-epoch train loss | trainable | "
+        "train s |",
+        "|---|---|---|---|---|---|---|---|---|---:|---:|",
     ]
     for r in sorted(runs, key=lambda r: (r["benchmark"], r["method"] != "default")):
         val = " → ".join(f"{c['val_exact_match']:.3f}" for c in r["curve"])
+        m = r["config"]["mrt"]
+        ranks = f"{m['vision_rank']} / {m['projector_rank']} / {m['llm_rank']}"
         lines.append(
-            f"| {r['benchmark']} | {r['method']} | {r['lr']} | {r['test']['exact_match']:.3f} | "
+            f"| {r['benchmark']} | {r['method']} | {r['lr']} | {m['first']} / {m['last']} | "
+            f"{ranks} | {r['test']['exact_match']:.3f} | "
             f"{r['reliance']['drop']:+.3f} | {val} | {r['curve'][-1]['train_loss']:.3f} | "
             f"{r['params']['trainable']:,} | {r['train_seconds']:.0f} |"
         )
