@@ -112,7 +112,8 @@ def main() -> None:
     print(f"edited tokens {n['edited_tokens']} at {n['edited_positions']}; "
           f"visual tokens at {n['visual_positions']}")  # fmt: skip
     for j, row in n["layers"].items():
-        print(f"layer {j}: {row['edited_norms_mean_over_batch']} (median {row['median_prompt_norm']})")
+        norms, median = row["edited_norms_mean_over_batch"], row["median_prompt_norm"]
+        print(f"layer {j}: {norms} (median {median})")
     print(f"caption prefix reads the digit on {result['caption_digit_read_test']:.3f} of "
           f"{len(test)} test images")  # fmt: skip
 
