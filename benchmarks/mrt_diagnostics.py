@@ -21,6 +21,7 @@ import torch
 
 from mmtune.data.vqa import _NUMBERS, VQA_BENCHMARKS
 from mmtune.methods.mrt import MRTConfig, MRTModel
+from mmtune.methods.mrt.config import _llm_layer_indices
 from mmtune.models.architectures import get_architecture, resolve
 from mmtune.models.lmm import load_lmm
 from mmtune.recipes.instruct import CAPTION_PROMPT, _pixels, _prompt
@@ -44,8 +45,8 @@ def edited_norms(base, items: list[dict], pixels: list[torch.Tensor]) -> dict:
 
         return hook
 
-    hooks = [layers[int(n.split(".")[1])].register_forward_hook(keep(int(n.split(".")[1])))
-             for n in model.edit_names if n.startswith("llm.")]  # fmt: skip
+    edited_layers = _llm_layer_indices(model.mrt_config, len(layers))
+    hooks = [layers[j].register_forward_hook(keep(j)) for j in edited_layers]
     with torch.no_grad():
         model.loss(batch)
     for h in hooks:

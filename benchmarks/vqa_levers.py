@@ -5,8 +5,8 @@
 Each sub-folder of the first argument holds one run's results.json (folder name: the lever);
 ``--reference`` adds runs kept elsewhere (named "default"). Writes ``levers.md`` (lr, MRT's
 positions and ranks, test exact match, reliance drop, val after each epoch, last train loss,
-trainable parameters, seconds)
-and ``levers.png`` (mmtune.reporting.plots.vqa_curves_picture) in the first folder.
+trainable parameters, seconds) and ``levers.png`` (mmtune.reporting.plots.vqa_curves_picture)
+in the first folder.
 """
 
 from __future__ import annotations
