@@ -2,44 +2,39 @@
 
     python benchmarks/vqa_levers.py benchmarks/results/vqa-converged/levers
 
-Each sub-folder of the first argument holds one run's results.json (folder name: the lever);
-``--reference`` adds runs kept elsewhere (named "default"). Writes ``levers.md`` (lr, MRT's
-positions and ranks, test exact match, reliance drop, val after each epoch, last train loss,
-trainable parameters, seconds) and ``levers.png`` (mmtune.reporting.plots.vqa_curves_picture)
-in the first folder.
+Each sub-folder of the first argument holds one run's results.json (folder name: the lever).
+Writes ``levers.md`` (lr, MRT's positions and ranks, test exact match, reliance drop, val
+after each epoch, last train loss, trainable parameters, seconds) and ``levers.png``
+(mmtune.reporting.plots.vqa_curves_picture) in the first folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from mmtune.reporting.plots import vqa_curves_picture
+from mmtune.utils.io import atomic_write, read_json
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path)
-    ap.add_argument("--reference", type=Path, action="append", default=[])
     args = ap.parse_args()
     runs = []
-    for path in [*args.reference, *sorted(p for p in args.root.iterdir() if p.is_dir())]:
+    for path in sorted(p for p in args.root.iterdir() if p.is_dir()):
         file = path / "results.json"
         if not file.is_file():
             continue
-        r = json.loads(file.read_text())
-        lever = (
-            "default" if path in args.reference else path.name.removeprefix(r["benchmark"] + "-")
-        )
-        runs.append({**r, "method": lever})  # the picture's labels
+        r = read_json(file, "lmm tune results")
+        runs.append({**r, "method": path.name.removeprefix(r["benchmark"] + "-")})  # labels
     lines = [
         "| benchmark | run | lr | first p / last s | ranks (vision / projector / LLM) | "
         "test exact match | reliance drop | val by epoch | last-epoch train loss | trainable | "
         "train s |",
         "|---|---|---|---|---|---|---|---|---|---:|---:|",
     ]
-    for r in sorted(runs, key=lambda r: (r["benchmark"], r["method"] != "default")):
+    for r in sorted(runs, key=lambda r: r["benchmark"]):
         val = " → ".join(f"{c['val_exact_match']:.3f}" for c in r["curve"])
         m = r["config"]["mrt"]
         ranks = f"{m['vision_rank']} / {m['projector_rank']} / {m['llm_rank']}"
@@ -49,7 +44,8 @@ def main() -> None:
             f"{r['reliance']['drop']:+.3f} | {val} | {r['curve'][-1]['train_loss']:.3f} | "
             f"{r['params']['trainable']:,} | {r['train_seconds']:.0f} |"
         )
-    (args.root / "levers.md").write_text("\n".join(lines) + "\n")
+    with atomic_write(args.root / "levers.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     vqa_curves_picture(args.root / "levers.png", runs)
 
 
