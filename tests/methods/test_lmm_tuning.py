@@ -10,7 +10,7 @@ from mmtune.recipes.instruct import DEFAULT_LR, METHODS
 
 def test_the_four_methods_in_table_order_with_their_defaults():
     assert lmm_tunings() == METHODS == ("zero-shot", "projector", "lora", "mrt")
-    assert DEFAULT_LR == {"zero-shot": 0.0, "projector": 1e-3, "lora": 2e-3, "mrt": 1e-2}
+    assert DEFAULT_LR == {"zero-shot": 0.0, "projector": 1e-3, "lora": 2e-3, "mrt": 1e-3}
     assert not get_lmm_tuning("zero-shot").trains and get_lmm_tuning("zero-shot").save is None
     assert get_lmm_tuning("lora").library == "peft" and get_lmm_tuning("mrt").library == "mmtune"
     with pytest.raises(KeyError, match="lmm tune method 'prefix': not one of zero-shot"):

@@ -173,7 +173,9 @@ for _tuning in (
     ),
     LMMTuning(
         "mrt",
-        1e-2,
+        # 1e-2 (mmtune <= 0.4) stays on the constant-answer plateau: a LoReFT edit moves with
+        # |h| (75-616 in SmolLM2's edited layers) on every Adam step. docs/mrt.md has the runs.
+        1e-3,
         prepare=lambda base, mrt, peft: MRTModel(base, mrt),
         save=_save_mrt,
         adapter_method="mrt",
