@@ -159,6 +159,21 @@ def test_fit_puts_the_model_back_in_training_mode_after_validate(stage1_dir):
     assert [e["val"] for e in log["epochs"]] == [{"exact_match": 0.5}] * 2
 
 
+def test_lora_dropout_trains_while_the_frozen_llm_stays_in_eval_mode(stage1_dir):
+    from mmtune.methods.concat import PeftAdapterConfig, inject_peft
+
+    model = load_lmm(stage1_dir)
+    inject_peft(model.llm, "lora", PeftAdapterConfig(lora_dropout=0.5))
+    dropouts = [m for n, m in model.llm.named_modules() if n.endswith("lora_dropout.default")]
+    frozen = [m for n, m in model.llm.named_modules() if "lora" not in n and n]
+    assert dropouts and frozen
+    model.train()
+    assert all(m.training for m in dropouts) and not any(m.training for m in frozen)
+    assert not any(m.training for m in model.tower.modules())
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
 def test_table_rebuilds_a_base_without_its_weights(stage1_dir, tmp_path):
     """A committed base keeps adapter_config.json and results.json, not the weights."""
     import shutil

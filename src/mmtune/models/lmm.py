@@ -18,6 +18,7 @@ Stage 1 (``mmtune lmm stage1``) trains only the projector on captions; its outpu
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -263,11 +264,21 @@ class LlavaStyleModel(nn.Module):
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id
         self.end_of_answer, self.stop_ids = self._answer_end()
 
-    # frozen parts never leave eval mode (BatchNorm statistics, dropout)
     def train(self, mode: bool = True) -> LlavaStyleModel:
+        """Frozen parts never leave eval mode (BatchNorm statistics, dropout); adapter layers
+        PEFT added to the LLM (LoRA's dropout) follow ``mode``."""
         super().train(mode)
         self.llm.eval()
         self.tower.eval()
+        # PEFT imported by nobody means no PEFT layer can be in the model
+        tuners = sys.modules.get("peft.tuners.tuners_utils")
+        if tuners is not None:
+            for module in self.llm.modules():
+                if isinstance(module, tuners.BaseTunerLayer):  # its parts, not its base layer
+                    for name in (*module.adapter_layer_names, *module.other_param_names):
+                        part = getattr(module, name, None)
+                        if isinstance(part, nn.Module):
+                            part.train(mode)
         return self
 
     @property
