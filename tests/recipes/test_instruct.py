@@ -64,6 +64,8 @@ def test_tune_each_method_end_to_end(method, stage1_dir, tmp_path):
         assert done[0] == 0 and done[-1] == next(t for s, _, t in waits if s == f"answer {split}")
     assert saved["test"]["num_samples"] == 5 and 0.0 <= saved["test"]["exact_match"] <= 1.0
     assert saved["method"] == method and len(saved["examples"]) == 5
+    base_meta = json.loads((stage1_dir / "adapter_config.json").read_text())  # which base
+    assert saved["base_sha256"] == base_meta["sha256"]["adapter.safetensors"]
     rel = saved["reliance"]  # the test split again, each image from another item
     assert rel["metric"] == "exact_match" and rel["headline"] == saved["test"]["exact_match"]
     assert rel["drop"] == pytest.approx(rel["headline"] - rel["deranged"]) and rel["seed"] == 0

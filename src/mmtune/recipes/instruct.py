@@ -561,6 +561,16 @@ def _check_unseen(cfg: TuneConfig) -> None:
         )
 
 
+def _base_weights_sha256(base: Path) -> str | None:
+    """The sha256 of the stage-1 weights, as the base's adapter_config.json records it: which
+    base a run used, also after the base is rebuilt (a rebuild is not bitwise the same)."""
+    try:
+        meta = json.loads((base / "adapter_config.json").read_text())
+        return meta["sha256"]["adapter.safetensors"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def tune(
     cfg: TuneConfig,
     progress: Callable[[int, int, float], None] | None = None,
@@ -658,6 +668,7 @@ def tune(
         "seed": cfg.seed,
         "lr": cfg.learning_rate if tuning.trains else None,
         "config": _jsonable(asdict(cfg)),
+        "base_sha256": _base_weights_sha256(cfg.base),
         "params": _params(model),
         "train_seconds": log["train_seconds"],
         "steps": log["steps"],
