@@ -3,8 +3,8 @@
     python benchmarks/vqa_levers.py benchmarks/results/vqa-converged/levers
 
 Each sub-folder of the first argument holds one run's results.json (folder name: the lever).
-Writes ``levers.md`` (lr, MRT's positions and ranks, test exact match, reliance drop, val
-after each epoch, last train loss, trainable parameters, seconds) and ``levers.png``
+Writes ``levers.md`` (lr, MRT's positions and ranks on MRT rows, test exact match, reliance
+drop, val after each epoch, last train loss, trainable parameters, seconds) and ``levers.png``
 (mmtune.reporting.plots.vqa_curves_picture) in the first folder.
 """
 
@@ -37,9 +37,13 @@ def main() -> None:
     for r in sorted(runs, key=lambda r: r["benchmark"]):
         val = " → ".join(f"{c['val_exact_match']:.3f}" for c in r["curve"])
         m = r["config"]["mrt"]
-        ranks = f"{m['vision_rank']} / {m['projector_rank']} / {m['llm_rank']}"
+        if r["config"]["method"] == "mrt":
+            where = f"{m['first']} / {m['last']}"
+            ranks = f"{m['vision_rank']} / {m['projector_rank']} / {m['llm_rank']}"
+        else:  # MRT's settings mean nothing to the other methods
+            where = ranks = "-"
         lines.append(
-            f"| {r['benchmark']} | {r['method']} | {r['lr']} | {m['first']} / {m['last']} | "
+            f"| {r['benchmark']} | {r['method']} | {r['lr']} | {where} | "
             f"{ranks} | {r['test']['exact_match']:.3f} | "
             f"{r['reliance']['drop']:+.3f} | {val} | {r['curve'][-1]['train_loss']:.3f} | "
             f"{r['params']['trainable']:,} | {r['train_seconds']:.0f} |"
