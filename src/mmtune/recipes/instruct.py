@@ -36,7 +36,13 @@ from mmtune.training import loop
 from mmtune.training.adapter import front_matter, hub_id
 from mmtune.training.loop import FitSettings
 from mmtune.training.rundir import config_differences
-from mmtune.utils.adapter_file import atomic_write, count_parameters
+from mmtune.utils.adapter_file import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    atomic_write,
+    count_parameters,
+)
+from mmtune.utils.io import read_json
 from mmtune.utils.progress import Progress, tracked
 
 __all__ = [
@@ -561,16 +567,6 @@ def _check_unseen(cfg: TuneConfig) -> None:
         )
 
 
-def _base_weights_sha256(base: Path) -> str | None:
-    """The sha256 of the stage-1 weights, as the base's adapter_config.json records it: which
-    base a run used, also after the base is rebuilt (a rebuild is not bitwise the same)."""
-    try:
-        meta = json.loads((base / "adapter_config.json").read_text())
-        return meta["sha256"]["adapter.safetensors"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
 def tune(
     cfg: TuneConfig,
     progress: Callable[[int, int, float], None] | None = None,
@@ -668,7 +664,9 @@ def tune(
         "seed": cfg.seed,
         "lr": cfg.learning_rate if tuning.trains else None,
         "config": _jsonable(asdict(cfg)),
-        "base_sha256": _base_weights_sha256(cfg.base),
+        # the stage-1 weights this run used (load_lmm verified the digest; a rebuilt base is
+        # not bitwise the one before)
+        "base_sha256": read_json(cfg.base / ADAPTER_CONFIG_NAME)["sha256"][ADAPTER_WEIGHTS_NAME],
         "params": _params(model),
         "train_seconds": log["train_seconds"],
         "steps": log["steps"],
