@@ -207,7 +207,22 @@ def test_save_load_round_trip_from_the_adapter_alone(dirs, tmp_path: Path):
     other = tiny_lmm(dirs, seed=5)  # a different (random) projector
     with pytest.raises(ValueError, match="projector with hash"):
         load_mrt(tmp_path / "mrt", base=other)
-    assert isinstance(load_lmm(tmp_path / "stage1"), LlavaStyleModel)
+    import mmtune.models.lmm as lmm_module
+
+    reads = []
+    real_read = lmm_module.read_adapter
+
+    def counting_read(directory, *, method):
+        reads.append(method)
+        return real_read(directory, method=method)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lmm_module, "read_adapter", counting_read)
+        rebuilt = load_lmm(tmp_path / "stage1")
+    assert isinstance(rebuilt, LlavaStyleModel)
+    assert reads == ["lmm-projector"]  # the stage-1 weights are read and hashed once
+    for k, v in rebuilt.projector.state_dict().items():
+        assert torch.equal(v, loaded.base_model.projector.state_dict()[k])
 
 
 def test_cnn_tower_edits_sit_on_the_token_grid(dirs):

@@ -523,11 +523,12 @@ def build_lmm(config: LMMConfig | None = None, **llm_kwargs: Any) -> LlavaStyleM
 
 def load_lmm(directory: str | Path, **llm_kwargs: Any) -> LlavaStyleModel:
     """A LLaVA-style model from a stage-1 (``lmm-projector``) directory."""
-    meta, _ = read_adapter(directory, method="lmm-projector")
+    # One read: the digest is checked on the same bytes the projector is loaded from.
+    meta, tensors = read_adapter(directory, method="lmm-projector")
     try:
         config = LMMConfig(**meta["config"])
     except TypeError as e:
         raise ValueError(f"{Path(directory) / 'adapter_config.json'}: field 'config': {e}") from e
     model = build_lmm(config, **llm_kwargs)
-    model.load_projector(directory)
+    load_adapter_tensors(model, tensors, source=str(directory), prefix="projector.")
     return model
