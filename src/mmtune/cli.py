@@ -367,10 +367,14 @@ def _reliance_line(r: dict) -> str:
     if r["drop"] is None:
         why = "fewer than 2 samples" if r.get("swapped") else "this model reads no modality"
         return f"  reliance: none ({why}); {r['metric']} {r['headline']:.4f}"
-    return (
+    line = (
         f"  reliance: {r['metric']} {r['headline']:.4f} -> {r['deranged']:.4f} with each "
-        f"sample's modality from another sample (drop {r['drop']:+.4f})"
+        f"sample's modality from another sample (drop {r['drop']:+.4f}"
+        + (f" ± {r['drop_se']:.4f})" if r.get("drop_se") is not None else ")")
     )
+    if r.get("warning"):
+        line += f"\nmmtune: warning: {r['warning']}"
+    return line
 
 
 def ceilings(benchmark: Path, output: Path | None = None, probe_epochs: int = 30) -> None:

@@ -51,6 +51,13 @@ def test_each_task_trains_end_to_end_and_reports(assets, tmp_path, data):
     relies = saved["reliance"]
     assert relies["metric"] == next(iter(saved["headline"])) and relies["swapped"]
     assert isinstance(relies["deranged"], float) and isinstance(relies["drop"], float)
+    assert relies["drop_se"] >= 0 and relies["uses_modality"] == (
+        relies["drop"] > 2 * relies["drop_se"]
+    )
+    assert (relies["warning"] is None) == relies["uses_modality"]
+    for epoch in saved["history"]:  # the val reliance curve
+        assert isinstance(epoch["val"]["reliance_drop"], float)
+        assert epoch["val"]["reliance_drop_se"] >= 0
     assert saved["lower_layer_cache"]["first_infused_layer"] == 3
     assert saved["lower_layer_cache"]["bytes"] > 0
     ids = [
@@ -375,9 +382,9 @@ def test_every_long_wait_of_a_run_is_reported_through_the_progress_callback(asse
         "encode digits-ve-test",
         "digits-ve epoch 1/2",  # no cache fill pass: the first epoch fills it
         "eval val",
+        "reliance",  # the val reliance curve (TrainConfig.val_reliance), then the test's
         "digits-ve epoch 2/2",
         "eval test",
-        "reliance",
     ]
     for stage in stages:  # each starts at 0 and ends at its total, counting up by one
         done = [c[1] for c in calls if c[0] == stage]
@@ -385,3 +392,76 @@ def test_every_long_wait_of_a_run_is_reported_through_the_progress_callback(asse
         assert len(total) == 1 and done[0] == 0 and done[-1] == total.pop()
     epoch = [c for c in calls if c[0] == "digits-ve epoch 1/2" and c[1] > 0]
     assert all(c[3]["loss"] > 0 and c[3]["samples_s"] > 0 for c in epoch)
+
+
+def test_a_run_that_does_not_read_the_image_is_warned_before_the_decay_and_at_the_end(
+    assets, tmp_path, capsys
+):
+    """At a vanishing learning rate MiT stays the frozen model and the head reads no image:
+    the val drop is 0 at the epoch before the decay (a Python warning) and the test drop is
+    0 (results.json's reliance.warning, printed by the CLI)."""
+    from mmtune.cli import _reliance_line
+
+    cfg = _config(assets, "digits-ve", tmp_path / "run", epochs=2, samples=60)
+    cfg.task.head_image = False
+    cfg.mit.form = "gated"
+    cfg.optim.lr, cfg.optim.decay_every = 1e-12, 1
+    cfg.optim.decay_waits_for_modality = False
+    with pytest.warns(UserWarning, match="after epoch 1 the val accuracy drops by"):
+        results = train(cfg, progress=False)
+    r = results["reliance"]
+    assert r["drop"] == 0.0 and r["uses_modality"] is False
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["reliance"]["warning"] == r["warning"]
+    assert "mmtune: warning: the modality is not used" in _reliance_line(r)
+
+
+def test_the_decay_waits_while_the_modality_is_not_read(assets, tmp_path):
+    """decay_waits_for_modality: epochs whose val drop is within noise do not count toward
+    decay_every, so a model that does not read I keeps its learning rate; with the wait off,
+    the decay comes after epoch 1 as configured."""
+    lrs = {}
+    for waits in (True, False):
+        cfg = _config(assets, "digits-ve", tmp_path / f"run-{waits}", epochs=3, samples=60)
+        cfg.task.head_image, cfg.mit.form = False, "gated"
+        cfg.optim.lr, cfg.optim.decay_every = 1e-12, 1
+        cfg.optim.decay_waits_for_modality = waits
+        with pytest.warns(UserWarning) if not waits else _no_warning():
+            history = train(cfg, progress=False)["history"]
+        lrs[waits] = [e["lr"] for e in history]
+        assert [e.get("decay_held", False) for e in history] == [waits, waits, False]
+    assert lrs[True] == [1e-12, 1e-12, 1e-12]
+    assert lrs[False] == pytest.approx([1e-12, 1e-13, 1e-14])
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def guard():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="after epoch")
+            yield
+
+    return guard()
+
+
+def test_step_decay_is_steplr_without_holds_and_reads_old_checkpoints():
+    from mmtune.training.loop import StepDecay
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    ours, ref_opt = torch.optim.Adam([p], lr=1e-3), torch.optim.Adam([p], lr=1e-3)
+    mine, ref = StepDecay(ours, 2, 0.1), torch.optim.lr_scheduler.StepLR(ref_opt, 2, 0.1)
+    for epoch in range(1, 8):
+        mine.step(epoch)
+        ref.step()
+        assert ours.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    old = StepDecay(torch.optim.Adam([p], lr=1e-3), 2, 0.1)
+    old.load_state_dict(ref.state_dict())  # a checkpoint written before StepDecay
+    assert (old.counted, old.decays, old.held) == (7, 3, [])
+    held = StepDecay(torch.optim.Adam([p], lr=1e-3), 1, 0.1)
+    held.step(1, hold=True)
+    held.step(2)
+    held.step(3, hold=True)  # after the first decay a hold is ignored
+    assert held.held == [1] and held.decays == 2

@@ -162,3 +162,42 @@ def test_a_run_saved_before_modality_norm_existed_loads_with_i_unscaled(tmp_path
         warnings.simplefilter("ignore")  # it records no SHA-256, like runs before 0.2
         assert load_config(tmp_path).task.modality_norm == "none"
     assert TaskConfig().modality_norm == "l2"  # while new runs scale it to unit norm
+
+
+def test_paired_bootstrap_error_against_the_binomial_formula():
+    """For accuracy the paired drop's error is sqrt(b + c - (b - c)^2 / n) / n, b and c the
+    samples only one of the two scorings gets right (McNemar's counts)."""
+    import numpy as np
+
+    from mmtune.metrics import paired_bootstrap_se
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    own = rng.random(n) < 0.8
+    other = np.where(rng.random(n) < 0.3, ~own, own)  # 30% of the samples change
+    b, c = int((own & ~other).sum()), int((~own & other).sum())
+    expected = np.sqrt(b + c - (b - c) ** 2 / n) / n
+    se = paired_bootstrap_se(np.mean, own.tolist(), other.tolist(), resamples=400)
+    assert se == pytest.approx(expected, rel=0.15)
+    assert paired_bootstrap_se(np.mean, own.tolist(), own.tolist()) == 0.0
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap_se(np.mean, [1, 0], [1])
+
+
+def test_an_untrained_mit_model_is_flagged_as_not_using_the_modality(assets):
+    """MiT at init is the frozen model (gated form) and the head sees no image: every
+    prediction is the same with the donors' I, so the drop is 0 and the guard warns."""
+    from mmtune.training.evaluation import unused_modality_warning
+
+    model, splits, _, _ = _build(assets, "digits-ve", head_image=False)
+    test = splits["test"]
+    scored = evaluate_split(model, test, _Accelerator, 8)
+    acc = scored["metrics"]["accuracy"]
+    r = reliance(model, test, _Accelerator, 8, {"accuracy": acc}, rows=scored["rows"])
+    assert r["drop"] == 0.0 and r["drop_se"] == 0.0 and r["uses_modality"] is False
+    assert r["warning"].startswith("the modality is not used: accuracy")
+    assert "--method text" in r["warning"] and "drop_se" in r["conventions"]
+    r2 = reliance(model, test, _Accelerator, 8, {"accuracy": acc})  # no rows: no verdict
+    assert "uses_modality" not in r2
+    seg = unused_modality_warning({**r, "metric": "oIoU"}, "segmentation")
+    assert "decoder reads the image maps itself" in seg

@@ -139,7 +139,7 @@ def evaluate_run(
         progress=progress,
         stage=f"eval {split}",
     )
-    result.pop("rows")
+    rows = result.pop("rows")
     result["split"] = split
     key = headline_metric(model.task)
     result["reliance"] = reliance(
@@ -149,6 +149,7 @@ def evaluate_run(
         cfg.optim.eval_batch_size,
         {key: result["metrics"][key]},
         progress=progress,
+        rows=rows,
     )
     if write:
         write_eval(run, result)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,7 @@ def _score_and_report(
         cfg.optim.eval_batch_size,
         headline,
         progress=progress,
+        rows=test["rows"],
     )
     infusion = module.llm.trainable_parameters() if isinstance(module.llm, MiTModel) else None
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -296,15 +298,53 @@ def _train(
         return to_device(batch, accelerator.device)
 
     def validate(prepared: Any, epoch: int) -> dict[str, float]:
+        split = splits[cfg.task.val_split]
         val = evaluate_split(
             prepared,
-            splits[cfg.task.val_split],
+            split,
             accelerator,
             cfg.optim.eval_batch_size,
             progress=progress,
             stage=f"eval {cfg.task.val_split}",
         )
-        return val["metrics"]
+        metrics = dict(val["metrics"])
+        if not (cfg.val_reliance and module.modality_fields()):
+            return metrics
+        key = headline_metric(task)
+        r = reliance(
+            prepared,
+            split,
+            accelerator,
+            cfg.optim.eval_batch_size,
+            {key: metrics[key]},
+            progress=progress,
+            rows=val["rows"],
+        )
+        if r["drop"] is None:  # fewer than 2 val samples
+            return metrics
+        metrics["reliance_drop"], metrics["reliance_drop_se"] = r["drop"], r["drop_se"]
+        if r["uses_modality"] or epoch != cfg.optim.decay_every or epoch == cfg.optim.epochs:
+            return metrics
+        if not waits:  # the decay will not wait for the modality: say so
+            warnings.warn(
+                f"after epoch {epoch} the val {key} drops by {r['drop']:+.4f} (within noise, "
+                f"2 x error {2 * r['drop_se']:.4f}) with each sample's modality from another "
+                f"sample, and the learning rate now decays by {cfg.optim.decay_gamma}: the run "
+                "may settle on a text-only solution. Levers: more epochs before the decay "
+                "(optim.decay_every, optim.decay_waits_for_modality), more statements per "
+                "image in the data",
+                stacklevel=2,
+            )
+        return metrics
+
+    # The decay waits while the val drop is within noise, where I is how the image reaches
+    # the prediction (not where a decoder reads the image maps itself).
+    waits = cfg.optim.decay_waits_for_modality and not get_task(task).needs_feature_maps
+
+    def hold_decay(val: dict[str, float]) -> bool:
+        if not waits or val.get("reliance_drop") is None:
+            return False
+        return not val["reliance_drop"] > 2 * val["reliance_drop_se"]
 
     logging = cfg.report_to != "none"
     if logging:  # accelerate's trackers; they log on the main process only
@@ -325,6 +365,7 @@ def _train(
         config=asdict(cfg),
         resume=mode == "resume",
         validate=validate,
+        hold_decay=hold_decay,
         on_resumed=None
         if module.lower_cache is None
         else lambda: _rebuild_cache(module, splits, cfg, accelerator, progress),

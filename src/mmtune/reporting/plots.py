@@ -39,7 +39,12 @@ def write_pictures(out: Path, task: Any, history: dict, test: dict, split: Any) 
     a.plot(history["step_loss"], lw=0.8)
     a.set(title="training loss", xlabel="step")
     epochs = [e["epoch"] for e in history["epochs"]]
-    b.plot(epochs, [e["val"][headline] for e in history["epochs"]], marker="o")
+    b.plot(epochs, [e["val"][headline] for e in history["epochs"]], marker="o", label=headline)
+    drops = [e["val"].get("reliance_drop") for e in history["epochs"]]
+    if any(d is not None for d in drops):  # the val reliance curve (TrainConfig.val_reliance)
+        b.plot(epochs, drops, marker="s", ls="--", label="reliance drop")
+        b.axhline(0.0, color="grey", lw=0.6)
+        b.legend(fontsize=7)
     b.set(title=f"validation {headline}", xlabel="epoch")
     pictures["curves"] = _save(fig, out / "curves.png")
     plt.close(fig)

@@ -80,6 +80,12 @@ class OptimConfig:
     """Multiply the learning rates by decay_gamma every this many epochs (null: no decay)."""
     decay_gamma: float = 0.1
     """Step-decay factor."""
+    decay_waits_for_modality: bool = True
+    """Before the first decay, an epoch after which the val reliance drop is within noise
+    (the model does not read the modality yet: TrainConfig.val_reliance) does not count
+    toward ``decay_every``: the learning rate stays up until the modality is read (or the
+    epochs run out). Tasks whose head reads the image itself (segmentation) never wait. On
+    data where the image is read before the decay the run is the same as without it."""
     batch_size: int = 8
     """Samples per step on each process."""
     eval_batch_size: int = 32
@@ -147,6 +153,12 @@ class TrainConfig:
     """How many epoch checkpoints to keep (the newest intact ones; at least 1)."""
     plots: bool = True
     """Write PNG pictures (curves, masks or scatter)."""
+    val_reliance: bool = True
+    """Score the val split a second time after every epoch with each sample's modality taken
+    from another sample: the reliance curve (``history[].val.reliance_drop`` and its bootstrap
+    error ``reliance_drop_se``), and a warning when the drop is still within noise at the
+    epoch after which the learning rate first decays (the run may settle on the text-only
+    solution). False: one val pass per epoch, no curve."""
     report_to: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
     """Where the training loss and the val metrics are logged, through accelerate's trackers:
     ``tensorboard`` (``output_dir/tensorboard``), ``wandb`` or ``mlflow`` (their packages

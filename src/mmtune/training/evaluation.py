@@ -14,7 +14,14 @@ from mmtune.utils.progress import Progress, tracked
 if TYPE_CHECKING:
     from mmtune.training.build import FeaturedSplit
 
-__all__ = ["batches", "evaluate_split", "headline_metric", "reliance", "to_device"]
+__all__ = [
+    "batches",
+    "evaluate_split",
+    "headline_metric",
+    "reliance",
+    "to_device",
+    "unused_modality_warning",
+]
 
 
 def batches(
@@ -98,14 +105,25 @@ def reliance(
     headline: dict[str, float],
     seed: int = 0,
     progress: Progress | None = None,
+    rows: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The headline metric again with every sample's modality taken from another sample.
 
     Donors come from a seeded derangement that avoids samples of the same image where the
     data names images (``image_id`` / ``image_path``); the drop is the model's reliance on
     the modality (DESIGN.md section 9). A model that reads no modality gets drop None.
+
+    With ``rows`` (the split's scored rows with each sample's own modality, from
+    :func:`evaluate_split`), the drop gets its noise: ``drop_se`` by a paired bootstrap over
+    samples, ``uses_modality`` (drop > 2 x drop_se) and, when it is False, a ``warning`` that
+    names what to try (:func:`unused_modality_warning`).
     """
-    from mmtune.metrics import RELIANCE_CONVENTIONS, derangement
+    from mmtune.metrics import (
+        RELIANCE_CONVENTIONS,
+        RELIANCE_NOISE,
+        derangement,
+        paired_bootstrap_se,
+    )
 
     ((key, value),) = headline.items()
     fields = accelerator.unwrap_model(model).modality_fields()
@@ -114,14 +132,39 @@ def reliance(
         return {**out, "deranged": None, "drop": None, "conventions": RELIANCE_CONVENTIONS}
     groups = [item.get("image_id", item.get("image_path")) for item in ds.items]
     donors = derangement(len(ds), seed, None if all(g is None for g in groups) else groups)
-    deranged = evaluate_split(
+    swapped = evaluate_split(
         model, ds, accelerator, batch_size, donors=donors, progress=progress, stage="reliance"
-    )["metrics"][key]
+    )
+    deranged = swapped["metrics"][key]
     drop = deranged - value if lower_is_better(key) else value - deranged
-    return {
-        **out,
-        "deranged": deranged,
-        "drop": drop,
-        "seed": seed,
-        "conventions": RELIANCE_CONVENTIONS,
-    }
+    out = {**out, "deranged": deranged, "drop": drop, "seed": seed}
+    if rows is not None:
+        task = get_task(accelerator.unwrap_model(model).task)
+        se = paired_bootstrap_se(
+            lambda rs: task.metrics(list(rs))["metrics"][key], rows, swapped["rows"], seed=seed
+        )
+        used = drop > 2 * se
+        out.update(drop_se=se, uses_modality=bool(used))
+        out["warning"] = None if used else unused_modality_warning(out, task.name)
+    conventions = {**RELIANCE_CONVENTIONS, **({"drop_se": RELIANCE_NOISE} if rows else {})}
+    return {**out, "conventions": conventions}
+
+
+def unused_modality_warning(r: dict[str, Any], task: str) -> str:
+    """The guard's text when the reliance check finds the drop within its noise."""
+    text = (
+        f"the modality is not used: {r['metric']} {r['headline']:.4f} -> {r['deranged']:.4f} "
+        f"with every sample's modality taken from another sample (drop {r['drop']:+.4f}, "
+        f"within noise: 2 x its bootstrap error = {2 * r['drop_se']:.4f}), so this model may "
+        "be a text-only solution; score `--method text` beside it"
+    )
+    if task == "segmentation":
+        return text + (
+            " (the segmentation decoder reads the image maps itself, so a small reliance on I "
+            "is expected: judge the run against text-only and the decoder probe)"
+        )
+    return text + (
+        "; the levers that made the image count (docs/modality.md): more statements per "
+        "image, a longer budget at the same learning rate, I at unit L2 norm "
+        "(task.modality_norm l2)"
+    )

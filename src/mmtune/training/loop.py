@@ -10,8 +10,9 @@ What it does, per epoch ``e`` (1-based):
 2. each step: forward (the model returns the loss, or a dict holding it under ``"loss"``),
    ``zero_grad``, backward, clipping of the global gradient norm (``grad_clip``; 0: off),
    optimiser step (Adam or AdamW over the given parameter groups);
-3. the schedule steps once (constant, or step decay by ``decay_gamma`` every ``decay_every``
-   epochs), the ``validate`` hook scores the epoch, the trackers log, and with ``out`` a
+3. the ``validate`` hook scores the epoch, the schedule steps once (constant, or step decay
+   by ``decay_gamma`` every ``decay_every`` counted epochs; ``hold_decay`` may keep an epoch
+   from counting before the first decay), the trackers log, and with ``out`` a
    checkpoint is saved atomically (:func:`mmtune.training.checkpoint.save_checkpoint`).
 
 With ``resume`` the newest intact checkpoint under ``out`` is loaded first (weights, optimiser,
@@ -37,7 +38,7 @@ from mmtune.training import checkpoint as ckpt
 from mmtune.training.config import check_schedule
 from mmtune.utils.progress import Progress, report
 
-__all__ = ["FitResult", "FitSettings", "epoch_order", "fit", "flat_config"]
+__all__ = ["FitResult", "FitSettings", "StepDecay", "epoch_order", "fit", "flat_config"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,39 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class StepDecay:
+    """Step decay: every learning rate times ``gamma`` after each ``every`` counted epochs
+    (``every`` None: constant). An epoch passed to :meth:`step` with ``hold`` does not count
+    (``hold`` is honoured only before the first decay: the decay waits, it is never undone).
+    Without holds it is ``torch.optim.lr_scheduler.StepLR`` (the same multiplications)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, every: int | None, gamma: float):
+        self.optimizer, self.every, self.gamma = optimizer, every, gamma
+        self.counted, self.decays, self.held = 0, 0, []
+
+    def step(self, epoch: int, hold: bool = False) -> None:
+        if hold and self.decays == 0:
+            self.held.append(epoch)
+            return
+        self.counted += 1
+        if self.every is not None and self.counted % self.every == 0:
+            self.decays += 1
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.gamma
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counted": self.counted, "decays": self.decays, "held": list(self.held)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "counted" not in state:  # a checkpoint of mmtune <= 0.4 (StepLR / LambdaLR)
+            self.counted = int(state["last_epoch"])
+            self.decays = self.counted // self.every if self.every else 0
+            self.held = []
+            return
+        self.counted, self.decays = int(state["counted"]), int(state["decays"])
+        self.held = [int(e) for e in state["held"]]
+
+
 def _loss(output: Any) -> torch.Tensor:
     return output["loss"] if isinstance(output, dict) else output
 
@@ -123,6 +157,7 @@ def fit(
     resume: bool = False,
     validate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     on_resumed: Callable[[], None] | None = None,
+    hold_decay: Callable[[dict[str, float]], bool] | None = None,
     progress: Progress | None = None,
     stage: str = "epoch",
     log: bool = False,
@@ -134,6 +169,8 @@ def fit(
     ``out``: checkpoints go to ``out/checkpoints`` (None: no checkpoints, no resume);
     ``config`` is saved in them. ``validate(prepared_model, epoch)`` returns the epoch's val
     metrics. ``on_resumed`` runs after a checkpoint is loaded (e.g. to refill a cache).
+    ``hold_decay(val)``, asked after each epoch but the last, True: that epoch does not count
+    toward the step decay (:class:`StepDecay`; honoured before the first decay only).
     ``progress`` hears ``"{stage} e/E"`` once per step with the loss and samples/s; ``log``:
     the loss and val metrics go to accelerate's trackers (started by the caller).
     """
@@ -152,12 +189,7 @@ def fit(
         optimizer: torch.optim.Optimizer = torch.optim.Adam(param_groups)
     else:
         optimizer = torch.optim.AdamW(param_groups, weight_decay=settings.weight_decay)
-    if settings.decay_every is None:
-        scheduler: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    else:
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, settings.decay_every, settings.decay_gamma
-        )
+    scheduler = StepDecay(optimizer, settings.decay_every, settings.decay_gamma)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     first_epoch, history = 1, {"step_loss": [], "epochs": []}
@@ -209,10 +241,12 @@ def fit(
             )
             if log:
                 accelerator.log({"train/loss": loss.item()}, step=(epoch - 1) * steps + step)
-        scheduler.step()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
+        lr = optimizer.param_groups[0]["lr"]
         val = validate(model, epoch) if validate is not None else {}
+        hold = bool(hold_decay is not None and epoch < settings.epochs and hold_decay(val))
+        scheduler.step(epoch, hold=hold and scheduler.decays == 0)
         history["step_loss"].extend(losses)
         history["epochs"].append(
             {
@@ -220,6 +254,8 @@ def fit(
                 "train_loss": float(np.mean(losses)),
                 "val": val,
                 "seconds": epoch_seconds,
+                "lr": lr,
+                **({"decay_held": True} if epoch in scheduler.held else {}),
             }
         )
         if log and val:  # at the epoch's last step, so that every tracker's steps increase
