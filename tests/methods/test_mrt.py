@@ -286,3 +286,36 @@ def test_tunable_share_counts(dirs):
     big = mrt_share("llama-2-7b", "clip-vit-l-14-336", MRTConfig(), shapes)
     assert big["params"]["vision"] == 303_507_456  # CLIP ViT-L/14-336's vision tower
     assert big["share_of_all"] < small["share_of_all"]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_of_the_llm_gives_the_gradients_of_the_plain_run(dirs, reentrant):
+    """Activation checkpointing of the LLaVA-style model's LLM: MRT's edits act on layer
+    outputs, outside each replayed layer, so loss and every edit's gradient are unchanged."""
+    from mmtune.models.llm import enable_activation_checkpointing
+
+    def grads(checkpointing: bool):
+        mrt = perturb(inject_mrt(tiny_lmm(dirs), MRTConfig(vision_layers=[-1], llm_layers=[0, 2])))
+        llm = mrt.base_model.llm
+        if checkpointing and reentrant:
+            enable = getattr(llm, "activation_checkpointing_enable", None)  # transformers 5.2x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": True})
+            else:
+                llm.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": True}
+                )
+        elif checkpointing:
+            enable_activation_checkpointing(mrt.base_model.llm)
+        mrt.train()
+        loss = mrt.loss(batch_of(mrt.base_model, answers=True))
+        loss.backward()
+        return loss.item(), {
+            n: p.grad.clone() for n, p in mrt.named_parameters() if p.grad is not None
+        }
+
+    loss, plain = grads(False)
+    c_loss, checkpointed = grads(True)
+    assert c_loss == pytest.approx(loss, abs=1e-6) and checkpointed.keys() == plain.keys()
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5)

@@ -75,6 +75,20 @@ def test_inject_mrt_finds_the_parts_through_the_table_and_is_the_identity_at_ini
         assert torch.equal(mrt.unload()(**inputs).logits, before)
 
 
+def test_every_edit_on_its_own_changes_the_output():
+    """The feature layer's block (vision.-1) among them: transformers records the hidden
+    state LLaVA reads with a hook of its own, so the edit runs before it (prepended)."""
+    model = _llava()
+    inputs = _batch([_prompt([10, 11, 12])])
+    with torch.no_grad():
+        before = model(**inputs).logits
+        mrt = inject_mrt(model, CONFIG)
+        for name in mrt.edit_names:
+            mrt.edit(name).source.bias.add_(0.5)
+            assert (mrt(**inputs).logits - before).abs().max() > 1e-4, name
+            mrt.edit(name).source.bias.sub_(0.5)
+
+
 def test_an_edit_the_features_never_read_is_refused():
     with pytest.raises(ValueError, match="outside the 2 blocks whose outputs reach"):
         inject_mrt(_llava(), MRTConfig(vision_layers=[2]))
@@ -126,3 +140,38 @@ def test_mrt_trains_on_a_vlm_and_round_trips(tmp_path):
         torch.testing.assert_close(again(**inputs).logits, mrt(**inputs).logits)
     out = again.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_run(reentrant):
+    """Activation checkpointing of the VLM's vision and language layers: the edits sit on
+    layer outputs, outside each replayed forward, so loss and every edit's gradient equal the
+    run without it."""
+    inputs = _batch([_prompt([10, 11, 12]), _prompt([13, 14])])
+    labels = inputs["input_ids"].clone()
+    labels[inputs["attention_mask"] == 0] = -100
+
+    def grads(checkpointing: bool):
+        torch.manual_seed(3)
+        mrt = inject_mrt(_llava(), CONFIG)
+        _perturb(mrt)
+        if checkpointing:
+            kwargs = {"use_reentrant": reentrant}
+            model = mrt.base_model
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        mrt.train()
+        loss = mrt(**inputs, labels=labels).loss
+        loss.backward()
+        named = mrt.edits.named_parameters()
+        return loss.item(), {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+    loss, plain = grads(False)
+    c_loss, checkpointed = grads(True)
+    assert c_loss == pytest.approx(loss, abs=1e-6)
+    assert plain and checkpointed.keys() == plain.keys()
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5)

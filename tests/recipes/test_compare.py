@@ -139,7 +139,7 @@ def test_mean_ranks_respects_lower_is_better_and_skips_incomplete_benchmarks():
 
 
 def test_shipped_defaults_win_the_committed_accuracy_table():
-    """Issue 6 / DESIGN.md: MiT's default form and layer rule win benchmarks/results/accuracy.
+    """Issue 6 / docs/design.md: MiT's default form and layer rule win benchmarks/results/accuracy.
 
     Every ablation changes one thing from the reference row form-gated (the table configs' gated
     form and paper layers); the default of each choice is the variant with the best mean rank.

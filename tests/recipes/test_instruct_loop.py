@@ -133,8 +133,7 @@ def test_two_process_ddp_on_cpu(base, tmp_path):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "29531",
+            "--standalone",  # a free port for the rendezvous, never a fixed one
             "-m",
             "mmtune.cli",
             *_cli(base, out, 2),

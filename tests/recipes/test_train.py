@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -243,8 +244,7 @@ def test_two_process_ddp_on_cpu(assets, tmp_path):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            "29517",
+            "--standalone",  # a free port for the rendezvous, never a fixed one
             "-m",
             "mmtune.cli",
             "train",
@@ -465,3 +465,94 @@ def test_step_decay_is_steplr_without_holds_and_reads_old_checkpoints():
     held.step(2)
     held.step(3, hold=True)  # after the first decay a hold is ignored
     assert held.held == [1] and held.decays == 2
+
+
+def test_plateau_decay_is_reduce_lr_on_plateau_and_stops_after_its_last_decay():
+    from mmtune.training.loop import PlateauDecay
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    ours, ref_opt = torch.optim.Adam([p], lr=1e-3), torch.optim.Adam([p], lr=1e-3)
+    mine = PlateauDecay(ours, 0.1, 0.005, max_decays=10)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        ref_opt, mode="max", factor=0.1, patience=0, threshold=0.005, threshold_mode="abs"
+    )
+    for epoch, v in enumerate([0.5, 0.6, 0.603, 0.7, 0.69, 0.71, 0.712, 0.8], start=1):
+        mine.step(epoch, v)
+        ref.step(v)
+        assert ours.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
+    assert mine.decays == 3 and not mine.stopped
+    stop = PlateauDecay(torch.optim.Adam([p], lr=1.0), 0.1, 0.0, max_decays=1)
+    for epoch, (v, hold) in enumerate([(0.9, True), (0.3, False), (0.3, False)], start=1):
+        stop.step(epoch, v, hold=hold)  # a held epoch sets no best
+    assert (stop.held, stop.decays, stop.stopped) == ([1], 1, False)
+    stop.step(4, 0.2)
+    assert stop.stopped and stop.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    again = PlateauDecay(torch.optim.Adam([p], lr=1.0), 0.1, 0.0, max_decays=1)
+    again.load_state_dict(stop.state_dict())
+    assert again.state_dict() == stop.state_dict()
+
+
+def test_the_plateau_schedule_ends_the_run_and_a_resume_keeps_it_ended(assets, tmp_path):
+    """schedule plateau at a vanishing learning rate: the val accuracy never improves after
+    epoch 1, so epoch 2 decays, epoch 3 stops the run (max_decays 1) before optim.epochs;
+    resuming the finished run with more epochs trains nothing more."""
+    cfg = _config(assets, "digits-ve", tmp_path / "run", epochs=6, samples=60)
+    cfg.task.head_image, cfg.mit.form = False, "gated"
+    cfg.optim.lr, cfg.optim.schedule, cfg.optim.max_decays = 1e-12, "plateau", 1
+    cfg.optim.decay_waits_for_modality = False
+    history = train(cfg, progress=False)["history"]
+    assert [e["epoch"] for e in history] == [1, 2, 3]
+    assert [e["lr"] for e in history] == pytest.approx([1e-12, 1e-12, 1e-13])
+    assert history[-1]["stopped"] is True
+    cfg.resume, cfg.optim.epochs = True, 8
+    assert [e["epoch"] for e in train(cfg, progress=False)["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("method", ["mit", "concat"])
+def test_gradient_checkpointing_trains_the_same_run(assets, tmp_path, method, monkeypatch):
+    """TrainConfig.gradient_checkpointing: every epoch's loss, the val curve and the test
+    metrics equal the run without it (MiT replays each layer with its modality), and the
+    layers were checkpointed (torch's checkpoint ran)."""
+    import transformers.modeling_utils as hf
+
+    calls = [0]
+    checkpoint = hf.checkpoint
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "checkpoint", counted)
+    runs = {}
+    for on in (False, True):
+        cfg = _config(assets, "digits-ve", tmp_path / f"run-{on}", epochs=2, samples=60)
+        cfg.method, cfg.gradient_checkpointing = method, on
+        runs[on] = train(cfg, progress=False)
+        assert (calls[0] > 0) == on
+    a, b = runs[False], runs[True]
+    assert [e["train_loss"] for e in b["history"]] == pytest.approx(
+        [e["train_loss"] for e in a["history"]], abs=1e-5
+    )
+    assert b["metrics"]["accuracy"] == a["metrics"]["accuracy"]
+    assert b["config"]["gradient_checkpointing"] is True
+
+
+def test_the_val_reliance_curve_changes_no_training_step(assets, tmp_path):
+    """The committed figures stay true: the val reliance check (its own seeded donors, in
+    eval mode) changes no step, so a run whose decay does not wait (the modality read before
+    the decay epoch, or segmentation) is the run of mmtune 0.4: every loss and the test
+    metrics equal the run without the check."""
+    runs = {}
+    for on in (False, True):
+        cfg = _config(assets, "digits-ve", tmp_path / f"run-{on}", epochs=3, samples=60)
+        cfg.optim.decay_every, cfg.optim.decay_waits_for_modality = 2, False
+        cfg.val_reliance = on
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the "may settle on a text-only solution" one
+            runs[on] = train(cfg, progress=False)
+    a, b = runs[False], runs[True]
+    assert (
+        "reliance_drop" in b["history"][0]["val"] and "reliance_drop" not in a["history"][0]["val"]
+    )
+    assert [e["train_loss"] for e in b["history"]] == [e["train_loss"] for e in a["history"]]
+    assert b["metrics"] == a["metrics"]

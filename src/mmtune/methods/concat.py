@@ -140,6 +140,11 @@ def inject_peft(
                 getattr(module, attr).requires_grad_(True)
     if not any(p.requires_grad for p in llm.parameters()):
         raise ValueError(f"PEFT added no {kind} tensors: check peft.target_modules")
+    # The adapters train in fp32 whatever the base holds (PEFT builds them in a quantized
+    # layer's compute dtype, e.g. bf16 on a 4-bit base: get_peft_model's autocast_adapter_dtype)
+    for p in llm.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
     return llm
 
 

@@ -9,18 +9,28 @@ to fp32 safetensors in the cache (``$MMTUNE_CACHE/models``) and reloaded from th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mmtune.utils.cache import DirectoryCache, file_sha256
 from mmtune.utils.embedded import EmbeddedFile, embedded_file
 from mmtune.utils.progress import Progress, report
 
-__all__ = ["EMBEDDED_LLMS", "EmbeddedFile", "embedded_file", "load_llm", "smollm2_path"]
+__all__ = [
+    "EMBEDDED_LLMS",
+    "EmbeddedFile",
+    "QuantizationConfig",
+    "embedded_file",
+    "enable_activation_checkpointing",
+    "load_llm",
+    "smollm2_path",
+]
 
 
 EMBEDDED_LLMS: dict[str, EmbeddedFile] = {
@@ -71,6 +81,48 @@ def smollm2_path(
     return cache.get_or_build("smollm2-135m", key, build)
 
 
+@dataclass
+class QuantizationConfig:
+    """A k-bit frozen base (QLoRA-style), through transformers' ``BitsAndBytesConfig``; the
+    trained parts (MiT's maps, heads, projectors, LoRA) stay in full precision."""
+
+    bits: Literal[4, 8] | None = None
+    """4 or 8 (bitsandbytes' Linear4bit / Linear8bitLt for the LLM's linear layers); null:
+    the LLM in model.dtype."""
+    type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type (``bnb_4bit_quant_type``)."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype of the 4-bit matmuls (``bnb_4bit_compute_dtype``)."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (``bnb_4bit_use_double_quant``)."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in (None, 4, 8):
+            raise ValueError(f"model.quantization.bits must be 4, 8 or null, got {self.bits!r}")
+
+    def transformers_config(self) -> Any:
+        """The ``BitsAndBytesConfig`` (None without quantization); one line if bitsandbytes
+        is missing."""
+        if self.bits is None:
+            return None
+        from importlib.util import find_spec
+
+        if find_spec("bitsandbytes") is None:
+            raise ValueError(
+                f"model.quantization.bits {self.bits} needs bitsandbytes: "
+                "pip install 'mmtune[quant]'"
+            )
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=self.bits == 4,
+            load_in_8bit=self.bits == 8,
+            bnb_4bit_quant_type=self.type,
+            bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
+            bnb_4bit_use_double_quant=self.double_quant,
+        )
+
+
 def load_llm(
     name_or_path: str = "smollm2-135m",
     *,
@@ -78,13 +130,18 @@ def load_llm(
     attn_implementation: str = "sdpa",
     cache_root: str | Path | None = None,
     progress: Progress | None = None,
+    quantization: QuantizationConfig | None = None,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) of a causal LM: an embedded name, a local directory or a hub id.
 
     ``kwargs`` go to ``from_pretrained`` (e.g. ``device_map``, ``revision``); ``progress``
-    hears the embedded model's one-off conversion (:func:`smollm2_path`).
+    hears the embedded model's one-off conversion (:func:`smollm2_path`); ``quantization``
+    loads the linear layers in 4 or 8 bits (:class:`QuantizationConfig`).
     """
+    bnb = quantization.transformers_config() if quantization is not None else None
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
     source: str | Path = name_or_path
     if name_or_path in EMBEDDED_LLMS:
         source, _ = smollm2_path(cache_root, progress)
@@ -112,3 +169,24 @@ def load_llm(
     if name_or_path in EMBEDDED_LLMS:
         model.config._name_or_path = name_or_path  # adapters record the embedded name
     return model.eval(), tokenizer
+
+
+def enable_activation_checkpointing(llm: nn.Module) -> None:
+    """Hugging Face activation checkpointing, non-reentrant (no input needs grad, and MiT's
+    modality may come from a trainable encoder); the KV cache is off while it trains."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(llm, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    elif getattr(llm, "supports_gradient_checkpointing", False):
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            f"gradient_checkpointing: {type(llm).__name__} does not support activation "
+            "checkpointing"
+        )
+    # Hugging Face also makes the embeddings' output require grad (for reentrant replays and
+    # PEFT); non-reentrant checkpointing does not need it, and it would backpropagate through
+    # every frozen layer below the first trained one.
+    if hasattr(llm, "disable_input_require_grads"):
+        llm.disable_input_require_grads()

@@ -1,4 +1,4 @@
-"""Ceilings of a benchmark (DESIGN.md section 9): the trivial answers and scikit-learn probes.
+"""Ceilings of a benchmark (docs/design.md section 9): the trivial answers and scikit-learn probes.
 
 Each entry says exactly what it sees. The probes are fitted on the training split and scored
 on the test split with the project's metric conventions (:mod:`mmtune.metrics`):

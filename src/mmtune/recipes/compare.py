@@ -40,6 +40,7 @@ import yaml
 from mmtune.reporting.tables import format_mean_std, mean_std
 from mmtune.tasks import lower_is_better
 from mmtune.training.adapter import method_label
+from mmtune.utils.configs import resolve_config
 from mmtune.utils.io import atomic_write
 
 __all__ = ["Cell", "CompareConfig", "mean_ranks", "plan", "report", "run_compare"]
@@ -74,8 +75,8 @@ class CompareConfig:
     """Seeds; the first one also chooses the learning rate."""
     lrs: list[float] | None = None
     """Learning-rate candidates chosen on val; None: the benchmark config's."""
-    output_dir: str = "benchmarks/results/accuracy"
-    """Where runs and the report go."""
+    output_dir: str = "runs/compare"
+    """Where runs and the report go (the committed tables: benchmarks/results/accuracy)."""
     workers: int = 1
     """Runs at a time."""
     threads: int | None = None
@@ -86,6 +87,9 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if not self.benchmarks or not self.variants or not self.seeds:
             raise ValueError("CompareConfig: benchmarks, variants and seeds must be non-empty")
+        # a path that names no file here may name a config shipped with mmtune
+        self.benchmarks = [str(resolve_config(p)) for p in self.benchmarks]
+        self.variants = [str(resolve_config(p)) for p in self.variants]
         for path in [*self.benchmarks, *self.variants]:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"CompareConfig: no config file {path}")

@@ -26,7 +26,7 @@ from mmtune.heads import SegmentationDecoderConfig
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
 from mmtune.methods.registry import split_legacy_method
-from mmtune.models.llm import load_llm
+from mmtune.models.llm import QuantizationConfig, load_llm
 from mmtune.tasks import get_task
 from mmtune.tasks.model import TaskConfig, TaskModel, collate
 from mmtune.training.adapter import (
@@ -65,6 +65,7 @@ def load_config(run: str | Path) -> TrainConfig:
         model = dict(raw["model"])
         model["sequence"] = SequenceEncoderConfig(**model["sequence"])
         model["decoder"] = SegmentationDecoderConfig(**model["decoder"])
+        model["quantization"] = QuantizationConfig(**model.get("quantization", {}))
         return TrainConfig(
             **{
                 **raw,
@@ -107,7 +108,10 @@ def load_run(run: str | Path) -> tuple[TrainConfig, dict[str, Any], TaskModel]:
     spec = _spec(run)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     llm, tokenizer = load_llm(
-        cfg.model.llm, dtype=dtype, attn_implementation=cfg.model.attn_implementation
+        cfg.model.llm,
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        quantization=cfg.model.quantization,
     )
     model = make_model(cfg, spec, llm, tokenizer)
     model.lower_cache = None

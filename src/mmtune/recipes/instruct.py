@@ -30,6 +30,7 @@ from mmtune.methods.concat import (
 )
 from mmtune.methods.lmm_tuning import get_lmm_tuning, lmm_tunings, load_lmm_adapter
 from mmtune.methods.mrt import MRTConfig, MRTControl, MRTModel
+from mmtune.models.llm import enable_activation_checkpointing
 from mmtune.models.lmm import LlavaStyleModel, LMMConfig, build_lmm, load_lmm
 from mmtune.training import checkpoint as ckpt
 from mmtune.training import loop
@@ -148,6 +149,10 @@ class TuneConfig:
     """Write the trained tensors (``adapter/``)."""
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the frozen LLM's layers (non-reentrant): less activation
+    memory for about one more forward of the LLM; the MRT edits sit on layer outputs,
+    outside each replay, so results equal the run without it."""
 
     def __post_init__(self) -> None:
         _check_benchmarks([self.benchmark], "TuneConfig.benchmark")
@@ -348,7 +353,7 @@ def vqa_reliance(
 
     The donors are a seeded derangement (:func:`mmtune.metrics.derangement`; each VQA item has
     an image of its own); ``drop = headline - deranged`` is the model's reliance on the image
-    (DESIGN.md section 9), as in ``mmtune train``'s results.json. Fewer than 2 items: None."""
+    (docs/design.md section 9), as in ``mmtune train``'s results.json. Fewer than 2 items: None."""
     from mmtune.metrics import RELIANCE_CONVENTIONS, derangement
 
     out: dict[str, Any] = {"metric": "exact_match", "headline": headline, "swapped": ["image"]}
@@ -580,6 +585,8 @@ def tune(
     torch.manual_seed(cfg.seed)
     _check_unseen(cfg)
     base = load_lmm(cfg.base)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(base.llm)
     tuning = get_lmm_tuning(cfg.method)
     model = tuning.prepare(base, cfg.mrt, cfg.peft)
     data = VQA_BENCHMARKS[cfg.benchmark](num_samples=cfg.num_samples)

@@ -31,7 +31,7 @@ import torch
 
 from mmtune._version import __version__
 from mmtune.methods.mit import MiTModel
-from mmtune.tasks import get_task
+from mmtune.tasks import get_task, lower_is_better
 from mmtune.tasks.model import TaskModel, collate
 from mmtune.training.adapter import write_run_adapter
 from mmtune.training.build import FeaturedSplit, build
@@ -237,6 +237,13 @@ def train(cfg: TrainConfig, progress: Progress | bool | None = None) -> dict[str
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     _check_tracker(cfg.report_to)
+    if cfg.model.quantization.bits is not None and not torch.cuda.is_available():
+        raise ValueError(
+            f"model.quantization.bits {cfg.model.quantization.bits}: training through a "
+            "quantized LLM needs CUDA. On the CPU, bitsandbytes repacks a 4-bit weight at its "
+            "first forward without grad (the first evaluation) and drops every gradient "
+            "through it after that; evaluating or predicting with a quantized base works"
+        )
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -289,6 +296,9 @@ def _train(
         optimizer="adam",
         decay_every=cfg.optim.decay_every,
         decay_gamma=cfg.optim.decay_gamma,
+        schedule=cfg.optim.schedule,
+        plateau_threshold=cfg.optim.plateau_threshold,
+        max_decays=cfg.optim.max_decays,
         grad_clip=cfg.optim.grad_clip,
         keep_checkpoints=cfg.keep_checkpoints,
     )
@@ -323,7 +333,12 @@ def _train(
         if r["drop"] is None:  # fewer than 2 val samples
             return metrics
         metrics["reliance_drop"], metrics["reliance_drop_se"] = r["drop"], r["drop_se"]
-        if r["uses_modality"] or epoch != cfg.optim.decay_every or epoch == cfg.optim.epochs:
+        if (
+            r["uses_modality"]
+            or cfg.optim.schedule != "step"
+            or epoch != cfg.optim.decay_every
+            or epoch == cfg.optim.epochs
+        ):
             return metrics
         if not waits:  # the decay will not wait for the modality: say so
             warnings.warn(
@@ -346,6 +361,11 @@ def _train(
             return False
         return not val["reliance_drop"] > 2 * val["reliance_drop_se"]
 
+    headline, sign = headline_metric(task), -1.0 if lower_is_better(headline_metric(task)) else 1.0
+
+    def score(val: dict[str, float]) -> float:  # the plateau schedule's: higher is better
+        return sign * val[headline]
+
     logging = cfg.report_to != "none"
     if logging:  # accelerate's trackers; they log on the main process only
         accelerator.init_trackers(
@@ -366,6 +386,7 @@ def _train(
         resume=mode == "resume",
         validate=validate,
         hold_decay=hold_decay,
+        score=score,
         on_resumed=None
         if module.lower_cache is None
         else lambda: _rebuild_cache(module, splits, cfg, accelerator, progress),
@@ -398,5 +419,5 @@ def _train(
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()  # ends cleanly (see DESIGN.md section 8)
+        torch.distributed.destroy_process_group()  # ends cleanly (see docs/design.md section 8)
     return results

@@ -60,7 +60,7 @@ class TableConfig:
     """Step-decay factor."""
     mrt: MRTConfig = field(default_factory=MRTConfig)
     """MRT edits."""
-    output_dir: Path = Path("benchmarks/results/vqa")
+    output_dir: Path = Path("runs/lmm/table")
     """runs/<benchmark>/<method>/seed<S>/results.json, vqa.json, vqa.md."""
     threads: int | None = None
     """torch CPU threads."""

@@ -19,7 +19,7 @@ from mmtune.encoders.vision import encode_images, load_vision_encoder
 from mmtune.methods.concat import inject_peft
 from mmtune.methods.mit import MiTConfig, MiTModel, inject_mit
 from mmtune.methods.registry import get_method
-from mmtune.models.llm import load_llm
+from mmtune.models.llm import enable_activation_checkpointing, load_llm
 from mmtune.models.partial import LowerLayerCache
 from mmtune.tasks import get_task
 from mmtune.tasks.model import TaskConfig, TaskModel
@@ -144,6 +144,7 @@ def build(
         dtype=dtype,
         attn_implementation=cfg.model.attn_implementation,
         progress=progress,
+        quantization=cfg.model.quantization,
     )
     info: dict[str, Any] = {"data": data.name, "task": task, "splits": data.sizes()}
     splits: dict[str, FeaturedSplit] = {}
@@ -217,6 +218,8 @@ def make_model(cfg: TrainConfig, spec: dict[str, Any], llm: nn.Module, tokenizer
     else:
         llm.requires_grad_(False)
         wrapped = llm
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(llm)
     model = TaskModel(
         spec["task"],
         wrapped,

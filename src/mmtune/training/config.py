@@ -17,6 +17,7 @@ from mmtune.heads import SegmentationDecoderConfig
 from mmtune.methods.concat import ConcatConfig, PeftAdapterConfig
 from mmtune.methods.mit import MiTConfig
 from mmtune.methods.registry import PEFT_KINDS, get_method, methods, split_legacy_method
+from mmtune.models.llm import QuantizationConfig
 from mmtune.tasks.model import TaskConfig
 
 __all__ = [
@@ -43,6 +44,11 @@ class ModelConfig:
     """Dtype of the frozen LLM (the trainable parts stay fp32)."""
     attn_implementation: str = "sdpa"
     """Attention backend of the LLM: sdpa, eager, flash_attention_2."""
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    """A 4- or 8-bit frozen LLM (bitsandbytes; e.g. ``{bits: 4, type: nf4, compute_dtype:
+    bfloat16}``); the trained parts stay fp32. Training needs CUDA (on the CPU bitsandbytes
+    drops the gradients after a forward without grad; docs/limits.md); eval and predict run
+    anywhere."""
     image_size: int | None = None
     """Input side of a CNN vision encoder (default: its own, 224 for MobileNetV2); ViTs keep
     their fixed size."""
@@ -75,11 +81,22 @@ class OptimConfig:
     head_lr_scale: float = 0.1
     """The head's learning rate is lr x this (the paper: decoder lr x 0.1)."""
     epochs: int = 30
-    """Passes over the training split."""
+    """Passes over the training split (schedule plateau: the most it may run)."""
+    schedule: Literal["step", "plateau"] = "step"
+    """``step``: the learning rates times decay_gamma every decay_every epochs. ``plateau``:
+    times decay_gamma after each epoch whose val headline metric does not beat the best so
+    far by more than plateau_threshold; after max_decays decays, the next such epoch ends
+    the run (the budget follows the val curve, not a fixed epoch count; decay_every unused)."""
     decay_every: int | None = 10
-    """Multiply the learning rates by decay_gamma every this many epochs (null: no decay)."""
+    """Schedule step: multiply the learning rates by decay_gamma every this many epochs
+    (null: no decay)."""
     decay_gamma: float = 0.1
-    """Step-decay factor."""
+    """Decay factor of either schedule."""
+    plateau_threshold: float = 0.005
+    """Schedule plateau: the least gain of the val headline metric over its best that counts
+    as an improvement (absolute, in the metric's units)."""
+    max_decays: int = 2
+    """Schedule plateau: decays before the next epoch without improvement ends the run."""
     decay_waits_for_modality: bool = True
     """Before the first decay, an epoch after which the val reliance drop is within noise
     (the model does not read the modality yet: TrainConfig.val_reliance) does not count
@@ -99,6 +116,10 @@ class OptimConfig:
         if self.lr <= 0 or self.head_lr_scale <= 0:
             raise ValueError("OptimConfig: lr and head_lr_scale must be > 0")
         check_schedule(self.decay_every, self.decay_gamma, self.grad_clip, prefix="optim.")
+        if self.schedule not in ("step", "plateau"):
+            raise ValueError(f"optim.schedule must be step or plateau, got {self.schedule!r}")
+        if self.plateau_threshold < 0 or self.max_decays < 0:
+            raise ValueError("optim.plateau_threshold and optim.max_decays must be >= 0")
 
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
@@ -147,6 +168,12 @@ class TrainConfig:
     """Replace the run already in output_dir (its results, weights and checkpoints are removed)."""
     cache_lower_layers: bool = True
     """Compute the hidden states below the first infused layer once (they do not depend on I)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the frozen LLM's layers (Hugging Face's, non-reentrant):
+    each layer keeps only its input for backward and recomputes the rest, trading about one
+    more forward of the trained layers for activation memory; MiT replays each layer with its
+    own modality. Results equal the run without it (to float rounding); it may change on
+    resume."""
     feature_cache: bool = True
     """Store frozen-encoder features in $MMTUNE_CACHE and reuse them across runs."""
     keep_checkpoints: int = 2

@@ -111,7 +111,7 @@ def reliance(
 
     Donors come from a seeded derangement that avoids samples of the same image where the
     data names images (``image_id`` / ``image_path``); the drop is the model's reliance on
-    the modality (DESIGN.md section 9). A model that reads no modality gets drop None.
+    the modality (docs/design.md section 9). A model that reads no modality gets drop None.
 
     With ``rows`` (the split's scored rows with each sample's own modality, from
     :func:`evaluate_split`), the drop gets its noise: ``drop_se`` by a paired bootstrap over

@@ -10,10 +10,13 @@ What it does, per epoch ``e`` (1-based):
 2. each step: forward (the model returns the loss, or a dict holding it under ``"loss"``),
    ``zero_grad``, backward, clipping of the global gradient norm (``grad_clip``; 0: off),
    optimiser step (Adam or AdamW over the given parameter groups);
-3. the ``validate`` hook scores the epoch, the schedule steps once (constant, or step decay
-   by ``decay_gamma`` every ``decay_every`` counted epochs; ``hold_decay`` may keep an epoch
-   from counting before the first decay), the trackers log, and with ``out`` a
-   checkpoint is saved atomically (:func:`mmtune.training.checkpoint.save_checkpoint`).
+3. the ``validate`` hook scores the epoch, the schedule steps once (constant; step decay
+   by ``decay_gamma`` every ``decay_every`` counted epochs, :class:`StepDecay`; or decay on
+   the val score's plateau with early stop, :class:`PlateauDecay`; ``hold_decay`` may keep an
+   epoch from counting before the first decay), the trackers log, and with ``out`` a
+   checkpoint is saved atomically (:func:`mmtune.training.checkpoint.save_checkpoint`). A
+   plateau schedule that has decayed ``max_decays`` times ends the run at the next epoch
+   without improvement (``epochs`` is then the most it may run).
 
 With ``resume`` the newest intact checkpoint under ``out`` is loaded first (weights, optimiser,
 schedule, every rank's RNG) and the loop continues after its epoch: bit for bit the run that was
@@ -38,7 +41,15 @@ from mmtune.training import checkpoint as ckpt
 from mmtune.training.config import check_schedule
 from mmtune.utils.progress import Progress, report
 
-__all__ = ["FitResult", "FitSettings", "StepDecay", "epoch_order", "fit", "flat_config"]
+__all__ = [
+    "FitResult",
+    "FitSettings",
+    "PlateauDecay",
+    "StepDecay",
+    "epoch_order",
+    "fit",
+    "flat_config",
+]
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,15 @@ class FitSettings:
     decay_every: int | None = None
     """Multiply every learning rate by ``decay_gamma`` every this many epochs (None: constant)."""
     decay_gamma: float = 0.1
-    """Step-decay factor."""
+    """Decay factor (either schedule)."""
+    schedule: Literal["step", "plateau"] = "step"
+    """``step`` (:class:`StepDecay`, every ``decay_every`` epochs) or ``plateau``
+    (:class:`PlateauDecay` on ``fit``'s ``score``: decay after an epoch without improvement,
+    stop after ``max_decays``)."""
+    plateau_threshold: float = 0.005
+    """Plateau: an epoch improves when its score exceeds the best so far by more than this."""
+    max_decays: int = 2
+    """Plateau: decays before the next epoch without improvement ends the run."""
     grad_clip: float = 0.0
     """Max global gradient norm (0: no clipping)."""
     keep_checkpoints: int = 2
@@ -70,6 +89,10 @@ class FitSettings:
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"FitSettings.optimizer must be adam or adamw, got {self.optimizer!r}")
         check_schedule(self.decay_every, self.decay_gamma, self.grad_clip)
+        if self.schedule not in ("step", "plateau"):
+            raise ValueError(f"FitSettings.schedule must be step or plateau, got {self.schedule!r}")
+        if self.plateau_threshold < 0 or self.max_decays < 0:
+            raise ValueError("FitSettings: plateau_threshold and max_decays must be >= 0")
 
 
 @dataclass
@@ -140,6 +163,51 @@ class StepDecay:
         self.held = [int(e) for e in state["held"]]
 
 
+class PlateauDecay:
+    """Decay on plateau with early stop. After each epoch with val score ``v`` (higher is
+    better): if ``v > best + threshold`` the epoch improves (``best = v``); otherwise every
+    learning rate is multiplied by ``gamma`` (one decay), or, once ``max_decays`` decays are
+    done, the run stops. The decay rule is ``torch.optim.lr_scheduler.ReduceLROnPlateau``
+    with ``mode="max"``, ``patience=0``, ``threshold_mode="abs"`` (a test holds them equal);
+    the stop is early stopping with patience 1 after the last decay. An epoch passed with
+    ``hold`` (before the first decay) neither decays nor sets ``best``: the decay waits."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, gamma: float, threshold: float, max_decays: int
+    ):
+        self.optimizer, self.gamma = optimizer, gamma
+        self.threshold, self.max_decays = threshold, max_decays
+        self.best: float | None = None
+        self.decays, self.held, self.stopped = 0, [], False
+
+    def step(self, epoch: int, score: float, hold: bool = False) -> None:
+        if hold and self.decays == 0:
+            self.held.append(epoch)
+            return
+        if self.best is None or score > self.best + self.threshold:
+            self.best = score
+            return
+        if self.decays >= self.max_decays:
+            self.stopped = True
+            return
+        self.decays += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.gamma
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "decays": self.decays,
+            "held": list(self.held),
+            "stopped": self.stopped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = None if state["best"] is None else float(state["best"])
+        self.decays, self.stopped = int(state["decays"]), bool(state["stopped"])
+        self.held = [int(e) for e in state["held"]]
+
+
 def _loss(output: Any) -> torch.Tensor:
     return output["loss"] if isinstance(output, dict) else output
 
@@ -158,6 +226,7 @@ def fit(
     validate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     on_resumed: Callable[[], None] | None = None,
     hold_decay: Callable[[dict[str, float]], bool] | None = None,
+    score: Callable[[dict[str, float]], float] | None = None,
     progress: Progress | None = None,
     stage: str = "epoch",
     log: bool = False,
@@ -170,7 +239,8 @@ def fit(
     ``config`` is saved in them. ``validate(prepared_model, epoch)`` returns the epoch's val
     metrics. ``on_resumed`` runs after a checkpoint is loaded (e.g. to refill a cache).
     ``hold_decay(val)``, asked after each epoch but the last, True: that epoch does not count
-    toward the step decay (:class:`StepDecay`; honoured before the first decay only).
+    toward the decay (honoured before the first decay only). ``score(val)``: the epoch's val
+    score, higher is better, which the plateau schedule reads (required for it).
     ``progress`` hears ``"{stage} e/E"`` once per step with the loss and samples/s; ``log``:
     the loss and val metrics go to accelerate's trackers (started by the caller).
     """
@@ -189,7 +259,15 @@ def fit(
         optimizer: torch.optim.Optimizer = torch.optim.Adam(param_groups)
     else:
         optimizer = torch.optim.AdamW(param_groups, weight_decay=settings.weight_decay)
-    scheduler = StepDecay(optimizer, settings.decay_every, settings.decay_gamma)
+    scheduler: StepDecay | PlateauDecay
+    if settings.schedule == "plateau":
+        if score is None or validate is None:
+            raise ValueError("the plateau schedule needs validate and score")
+        scheduler = PlateauDecay(
+            optimizer, settings.decay_gamma, settings.plateau_threshold, settings.max_decays
+        )
+    else:
+        scheduler = StepDecay(optimizer, settings.decay_every, settings.decay_gamma)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     first_epoch, history = 1, {"step_loss": [], "epochs": []}
@@ -208,6 +286,8 @@ def fit(
     train_seconds = 0.0
     model.train()
     for epoch in range(first_epoch, settings.epochs + 1):
+        if isinstance(scheduler, PlateauDecay) and scheduler.stopped:
+            break  # resumed from the checkpoint of the epoch that ended the run
         perm = epoch_order(settings.seed, epoch, num_samples)
         name = f"{stage} {epoch}/{settings.epochs}"
         report(progress, name, 0, steps)
@@ -246,7 +326,12 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         val = validate(model, epoch) if validate is not None else {}
         hold = bool(hold_decay is not None and epoch < settings.epochs and hold_decay(val))
-        scheduler.step(epoch, hold=hold and scheduler.decays == 0)
+        if isinstance(scheduler, PlateauDecay):
+            assert score is not None
+            scheduler.step(epoch, score(val), hold=hold)
+        else:
+            scheduler.step(epoch, hold=hold)
+        stopped = isinstance(scheduler, PlateauDecay) and scheduler.stopped
         history["step_loss"].extend(losses)
         history["epochs"].append(
             {
@@ -256,6 +341,7 @@ def fit(
                 "seconds": epoch_seconds,
                 "lr": lr,
                 **({"decay_held": True} if epoch in scheduler.held else {}),
+                **({"stopped": True} if stopped else {}),
             }
         )
         if log and val:  # at the epoch's last step, so that every tracker's steps increase
@@ -272,4 +358,6 @@ def fit(
                 config or {},
                 settings.keep_checkpoints,
             )
+        if stopped:
+            break
     return FitResult(model, history, first_epoch, train_seconds, steps)

@@ -1,4 +1,4 @@
-"""A run directory belongs to one run (DESIGN.md section 10).
+"""A run directory belongs to one run (docs/design.md section 10).
 
 - :func:`check_writable`: the directory is created and a probe file written before any work.
 - :class:`RunLock`: an exclusive lock per process rank (filelock), held for the life of the
@@ -50,7 +50,14 @@ RUN_OUTPUTS = (
     ".finish",
 )
 # Settings a resumed run may change: more epochs, and the flags that say how to start.
-RESUMABLE = {"optim.epochs", "resume", "overwrite", "output_dir", "report_to"}
+RESUMABLE = {
+    "optim.epochs",
+    "resume",
+    "overwrite",
+    "output_dir",
+    "report_to",
+    "gradient_checkpointing",
+}
 
 
 class RunLockedError(RuntimeError):

