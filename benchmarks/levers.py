@@ -5,8 +5,9 @@
 Each sub-folder is one `mmtune train` run (configs/levers/*.yaml plus the lever's flags). The
 script reads their results.json, writes ``levers.md`` (test headline, reliance drop, last val,
 train loss, samples seen, seconds) and ``levers.png`` (val headline against training samples
-seen, so runs with more pairs per image line up with the others) in that folder. Runs named
-``<lever>-seed<N>`` are also pooled with ``<lever>`` (seed 0) into a mean ± std table.
+seen, so runs with more pairs per image line up with the others) in that folder; runs with a
+val reliance curve also get it and the learning rate by epoch. Runs named ``<lever>-seed<N>``
+(or ``<lever>-s<N>``) are also pooled with ``<lever>`` (seed 0) into a mean ± std table.
 ``--reference DIR`` (repeatable) adds runs kept elsewhere as the first rows, e.g. the default
 method's run beside an ablation folder:
 
@@ -38,6 +39,8 @@ def _rows(root: Path, references: list[Path]) -> list[dict]:
                 "drop": r["reliance"]["drop"],
                 "deranged": r["reliance"]["deranged"],
                 "val": [e["val"][key] for e in r["history"]],
+                "val_drop": [e["val"].get("reliance_drop") for e in r["history"]],
+                "lr": [e.get("lr") for e in r["history"]],
                 "loss": [e["train_loss"] for e in r["history"]],
                 "seen": [n_train * e["epoch"] for e in r["history"]],
                 "seconds": r["train_seconds"],
@@ -50,6 +53,7 @@ def _rows(root: Path, references: list[Path]) -> list[dict]:
                     "lr": r["config"]["optim"]["lr"],
                     "epochs": r["config"]["optim"]["epochs"],
                     "decay_every": r["config"]["optim"].get("decay_every"),
+                    "schedule": r["config"]["optim"].get("schedule", "step"),
                     "map_rank": r["config"]["mit"].get("map_rank"),
                 }
                 | (_mit_shape(r["config"]["mit"]) if r["config"]["method"] == "mit" else {}),
@@ -82,24 +86,35 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"{args.root}: no */results.json")
     key = rows[0]["key"]
+    curve = any(d is not None for r in rows for d in r["val_drop"])
     lines = [
         f"| lever | test {key} | deranged | reliance drop | val {key} by epoch | "
-        "train loss by epoch | train pairs seen | train s | settings |",
-        "|---|---|---|---|---|---|---|---|---|",
+        + ("val reliance drop by epoch | lr by epoch | " if curve else "")
+        + "train loss by epoch | train pairs seen | train s | settings |",
+        "|---|---|---|---|---|" + ("---|---|" if curve else "") + "---|---|---|---|",
     ]
     for r in rows:
         drop = "-" if r["drop"] is None else f"{r['drop']:+.3f}"
         der = "-" if r["deranged"] is None else f"{r['deranged']:.3f}"
+        extra = ""
+        if curve:
+            extra = (
+                " ".join("-" if d is None else f"{d:+.3f}" for d in r["val_drop"])
+                + " | "
+                + " ".join("-" if x is None else f"{x:g}" for x in r["lr"])
+                + " | "
+            )
         lines.append(
             f"| {r['lever']} | {r['test']:.3f} | {der} | {drop} | "
             + " ".join(f"{v:.3f}" for v in r["val"])
             + " | "
+            + extra
             + " ".join(f"{v:.3f}" for v in r["loss"])
             + f" | {r['seen'][-1]:,} | {r['seconds']:.0f} | `{json.dumps(r['options'])}` |"
         )
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(re.sub(r"-seed\d+$", "", r["lever"]), []).append(r)
+        groups.setdefault(re.sub(r"-(seed|s)\d+$", "", r["lever"]), []).append(r)
     pooled = [(k, g) for k, g in groups.items() if len(g) > 1]
     if pooled:
         lines += [

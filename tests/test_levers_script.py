@@ -60,3 +60,19 @@ def test_a_missing_reference_is_named(tmp_path):
     _run_dir(grid / "a", 0, 0.8, [0.8])
     run = _levers(grid, "--reference", tmp_path / "nope")
     assert run.returncode == 1 and f"{tmp_path / 'nope'}: no results.json" in run.stderr
+
+
+def test_val_reliance_and_lr_curves_show_and_s_suffixed_seeds_pool(tmp_path):
+    grid = tmp_path / "heldout"
+    for seed, test in ((0, 0.8), (1, 0.9)):
+        d = _run_dir(grid / f"mit-plateau-s{seed}", seed, test, [0.6, 0.7, 0.8])
+        r = json.loads((d / "results.json").read_text())
+        for e, drop, lr in zip(r["history"], (0.0, 0.05, 0.1), (1e-3, 1e-3, 1e-4), strict=True):
+            e["val"]["reliance_drop"], e["lr"] = drop, lr
+        (d / "results.json").write_text(json.dumps(r))
+    run = _levers(grid)
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = (grid / "levers.md").read_text().splitlines()
+    assert "val reliance drop by epoch | lr by epoch" in table[0]
+    assert "+0.000 +0.050 +0.100 | 0.001 0.001 0.0001 |" in table[2]
+    assert any(line.startswith("| mit-plateau | 0,1 | 0.850 ± 0.071") for line in table)

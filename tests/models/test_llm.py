@@ -93,3 +93,22 @@ def test_bad_model_sources_name_the_problem(tmp_path):
         load_llm(str(tmp_path))
     with pytest.raises(ValueError, match="could not load a causal LM from '/no/such/model'"):
         load_llm("/no/such/model")
+
+
+def test_a_loaded_model_is_not_kernelized_with_hub_kernels(tmp_path, monkeypatch):
+    """transformers >= 5.25 turns Hub kernels on by default in from_pretrained: load_llm
+    turns them off (a fused kernel could skip a hooked submodule; the Hub is never reached)."""
+    import transformers
+
+    from tests.tiny_assets import tiny_llm_dir
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("use_kernels"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    model, _ = load_llm(str(tiny_llm_dir(tmp_path / "llm")))
+    assert seen == [False] and not getattr(model, "use_kernels", False)

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 from mmtune.encoders.images import ImagePreprocess
 from mmtune.encoders.vision import VisionEncoder, VisionFeatures, register_vision_encoder
 from mmtune.utils.cache import content_hash
+from mmtune.utils.hub import NO_HUB_KERNELS
 
 __all__ = ["HFVisionEncoder"]
 
@@ -108,14 +109,14 @@ class HFVisionEncoder(VisionEncoder):
             vision_config = config.vision_config
             vision_config.projection_dim = config.projection_dim
             model = CLIPVisionModelWithProjection.from_pretrained(
-                name_or_path, config=vision_config
+                name_or_path, config=vision_config, **NO_HUB_KERNELS
             )
         elif config.model_type == "siglip":
             from transformers import SiglipVisionModel
 
-            model = SiglipVisionModel.from_pretrained(name_or_path)
+            model = SiglipVisionModel.from_pretrained(name_or_path, **NO_HUB_KERNELS)
         else:
-            model = AutoModel.from_pretrained(name_or_path)
+            model = AutoModel.from_pretrained(name_or_path, **NO_HUB_KERNELS)
         preprocess = kwargs.pop("preprocess", None)
         if preprocess is None:
             try:

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mmtune.utils.cache import DirectoryCache, file_sha256
 from mmtune.utils.embedded import EmbeddedFile, embedded_file
+from mmtune.utils.hub import NO_HUB_KERNELS
 from mmtune.utils.progress import Progress, report
 
 __all__ = [
@@ -46,7 +47,7 @@ EMBEDDED_LLMS: dict[str, EmbeddedFile] = {
 def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **NO_HUB_KERNELS
     )
     # Dequantised weights are plain fp32 now: drop the GGUF quantizer so save_pretrained writes
     # ordinary safetensors that load without the gguf package.
@@ -139,6 +140,7 @@ def load_llm(
     hears the embedded model's one-off conversion (:func:`smollm2_path`); ``quantization``
     loads the linear layers in 4 or 8 bits (:class:`QuantizationConfig`).
     """
+    kwargs = {**NO_HUB_KERNELS, **kwargs}
     bnb = quantization.transformers_config() if quantization is not None else None
     if bnb is not None:
         kwargs["quantization_config"] = bnb
@@ -157,7 +159,10 @@ def load_llm(
                 )
             source = local
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tok_kwargs = {
+            k: v for k, v in kwargs.items() if k not in ("use_kernels", "quantization_config")
+        }
+        tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=attn_implementation, **kwargs
         )

@@ -164,7 +164,9 @@ def unused_modality_warning(r: dict[str, Any], task: str) -> str:
             "is expected: judge the run against text-only and the decoder probe)"
         )
     return text + (
-        "; the levers that made the image count (docs/modality.md): more statements per "
-        "image, a longer budget at the same learning rate, I at unit L2 norm "
+        "; the levers that made the image count (docs/modality.md): a budget that follows the "
+        "val curve (optim.schedule plateau with more optim.epochs; "
+        "configs/levers/digits-ve-plateau.yaml), the decay waiting for the modality "
+        "(optim.decay_waits_for_modality), more statements per image, I at unit L2 norm "
         "(task.modality_norm l2)"
     )
